@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from framework.callbacks.monitor import ThroughputMonitor
+
+__all__ = ["ThroughputMonitor"]

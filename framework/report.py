@@ -1,0 +1,52 @@
+"""Human-readable run summaries (the quickstart's before/after table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    before, after = results.get("before") or {}, results.get("after") or {}
+    rows = []
+    for key in sorted(set(before) | set(after), key=lambda k: (not k.endswith("/acc"), k)):
+        if key.startswith("test/"):
+            rows.append((key, _fmt(before.get(key)), _fmt(after.get(key))))
+    t, n = results.get("trainable_params", 0), results.get("total_params", 0)
+    rows.append(("trainable parameters", "", f"{t:,} of {n:,} ({100 * t / max(n, 1):.2f}%)"))
+    perf = results.get("perf") or {}
+    if "tokens_per_s" in perf:
+        rows.append(("train tokens/s", "", f"{perf['tokens_per_s']:,.0f}"))
+    if "peak_mem_gib" in perf:
+        rows.append(("peak memory (GiB)", "", f"{perf['peak_mem_gib']:.2f}"))
+    if "mfu" in perf:
+        rows.append(("MFU", "", f"{100 * perf['mfu']:.1f}%"))
+    rows.append(("wall time (s)", "", f"{results.get('seconds', 0):.1f}"))
+    return rows
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    cfg = results.get("config")
+    title = "run summary"
+    if cfg is not None:
+        title = f"model={cfg.model.get('name', '?')} adapter={cfg.adapter.get('name', '?')} " \
+                f"storage={cfg.storage.get('name', '?')} loss={cfg.loss.get('name', '?')}"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("base (before)", justify="right")
+    table.add_column("tuned (after)", justify="right")
+    for row in summary_rows(results):
+        table.add_row(*row)
+    Console(width=110).print(table)

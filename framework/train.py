@@ -1,0 +1,123 @@
+"""Training entry point: `python -m framework.train [hydra overrides]` (or `./launch.sh`).
+
+Composes data module + lit module + trainer from `conf/train.yaml`, optionally scores the base model first, fits,
+tests, saves, and prints a before/after table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from framework.adapters import apply_adapter
+from framework.callbacks.monitor import ThroughputMonitor
+from framework.config import build, check_choice
+from framework.models.build import build_model
+from framework.module import LMModule
+from framework.quant import apply_storage
+from framework.report import print_summary
+
+log = logging.getLogger(__name__)
+
+# enum-like and typed fields checked at start with a message that names the field
+TYPED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "seed": int,
+    "trainer.max_steps": int,
+    "trainer.accumulate_grad_batches": int,
+    "data.batch_size": int,
+    "data.max_length": int,
+    "optim.lr": (int, float),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast with messages that name the offending field."""
+    for key, typ in TYPED_FIELDS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):
+            names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise TypeError(f"{key}={value!r} has the wrong type: expected {names}")
+    check_choice("trainer.precision", str(cfg.trainer.get("precision", "32-true")),
+                 ["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
+
+
+def make_logger(cfg: DictConfig) -> Any:
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return False
+    return instantiate(cfg.logger)
+
+
+def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the final metrics (also used by sweeps)."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
+    t_start = time.perf_counter()
+    model, tokenizer = build_model(cfg.model, cache_dir)
+    model = apply_adapter(model, cfg.adapter)
+    model = apply_storage(model, cfg.storage)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.set_tokenizer(tokenizer)
+    module = LMModule(
+        model, tokenizer, loss_fn=build(cfg.loss), optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        generate_batches=cfg.eval.generate_batches, task_names=getattr(datamodule, "tasks", None),
+    )
+    callbacks = make_callbacks(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg))
+
+    results: dict[str, Any] = {"config": cfg}
+    trainable, total = count_parameters(model)
+    results.update(trainable_params=trainable, total_params=total)
+    can_test = cfg.eval.test and hasattr(datamodule, "sizes") and datamodule.sizes.get("test", 0) > 0
+    if cfg.eval.before and can_test:
+        results["before"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if can_test:
+        results["after"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    monitor = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
+    results["perf"] = dict(monitor.summary) if monitor else {}
+    results["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    results["seconds"] = time.perf_counter() - t_start
+    if cfg.get("save_model") and trainer.is_global_zero:
+        save_dir = Path(cfg.save_model)
+        from framework.adapters import merged_copy
+
+        merged_copy(module.model).save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+        log.info("saved model to %s", save_dir)
+    if trainer.is_global_zero and cfg.get("print_summary", True):
+        print_summary(results)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    results = run(cfg)
+    after = results.get("after") or {}
+    return after.get("test/loss", results.get("train_loss"))  # the value a sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernels, each behind a plain torch function with a pure-torch reference (no `framework` imports here)."""
