@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
     t_start = time.perf_counter()
     model, tokenizer = build_model(cfg.model, cache_dir)
-    model = apply_adapter(model, cfg.adapter)
+    model = apply_adapter(model, cfg.adapter, storage=cfg.storage)
     model = apply_storage(model, cfg.storage)
 
     datamodule = instantiate(cfg.data)

@@ -12,8 +12,9 @@ from framework.config import check_choice
 ADAPTERS = ("none",)
 
 
-def apply_adapter(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """`adapter=none` trains every weight (full fine-tuning)."""
+def apply_adapter(model: nn.Module, cfg: DictConfig, storage: DictConfig | None = None) -> nn.Module:
+    """`adapter=none` trains every weight (full fine-tuning). `storage` tells inits that quantize (QPiSSA, LoftQ)
+    which format the frozen base will be stored in; `apply_storage` converts it afterwards."""
     name = cfg.get("name", "none")
     check_choice("adapter.name", name, ADAPTERS)
     for p in model.parameters():
