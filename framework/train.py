@@ -41,6 +41,9 @@ TYPED_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 def validate(cfg: DictConfig) -> None:
     """Fail fast with messages that name the offending field."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"mandatory config value(s) not set: {', '.join(missing)} (e.g. `{missing[0]}=...`)")
     for key, typ in TYPED_FIELDS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):

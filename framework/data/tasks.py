@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 Example = tuple[str, str]
 
+# bump when a generator's output changes: cached pre-trained bases are keyed on it
+SUITE_VERSION = 2
+
 BOOL_WORDS = ("True", "False")
 
 
@@ -22,7 +25,7 @@ def _bool_expr(rng: random.Random, depth: int, top: bool = False) -> tuple[str, 
         return ("True" if v else "False"), v
     kind = rng.choice(("not", "and", "or", "paren"))
     if kind == "not":
-        s, v = _bool_expr(rng, depth - 1)
+        s, v = _bool_atom(rng, depth - 1)
         return f"not {s}", not v
     if kind == "paren":
         s, v = _bool_expr(rng, depth - 1)

@@ -44,7 +44,7 @@ def load_local(path: str | Path, dtype: torch.dtype) -> tuple[PreTrainedModel, P
         raise FileNotFoundError(f"model.path={str(path)!r} does not exist or is not a directory (a local HF checkpoint)")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.path={str(p)!r} has no config.json: not an HF checkpoint directory")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True).train()
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -62,7 +62,7 @@ def from_arch(arch: dict[str, Any], tok: PreTrainedTokenizerBase, dtype: torch.d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    return model.to(dtype)
+    return model.to(dtype).train()
 
 
 def build_model(cfg: DictConfig, cache_dir: str | Path = ".cache/memfit") -> tuple[PreTrainedModel, Any]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.data.tasks import SUITE_VERSION
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def cache_key(cfg: DictConfig) -> str:
         "init_seed": cfg.get("init_seed", 0),
         "recipe": cfg.get("recipe", "pretrain_tiny"),
         "recipe_overrides": list(cfg.get("recipe_overrides") or []),
-        "version": 1,
+        "suite_version": SUITE_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

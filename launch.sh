@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The one launcher.
+#   ./launch.sh [hydra overrides]                 train locally (sets up .venv on first use)
+#   ./launch.sh --test [pytest args]              run the test suite (same set-up)
+#   ./launch.sh --module framework.transfer [overrides]   run another entry point
+#   ./launch.sh --slurm --nodes N --gpus-per-node G [--partition P] [--time HH:MM:SS] [--cpus-per-task C]
+#               [--mem M] [--account A] [--job-name NAME] [--dry-run] [hydra overrides]
+#       writes logs/<name>-<stamp>.sbatch (one task per GPU, srun, requeue on preemption/timeout) and submits it
+# Environment: MEMFIT_PYTHON=/path/to/python uses your own environment instead of .venv.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+log() { printf '[launch] %s\n' "$*" >&2; }
+
+ensure_env() {
+  if [[ -n "${MEMFIT_PYTHON:-}" ]]; then PY="$MEMFIT_PYTHON"; return; fi
+  local venv="$ROOT/.venv" stamp
+  PY="$venv/bin/python"
+  stamp="$(sha256sum pyproject.toml | cut -c1-16)"
+  if [[ -x "$PY" && -f "$venv/.installed" && "$(cat "$venv/.installed")" == "$stamp" ]]; then return; fi
+  if [[ ! -x "$PY" ]]; then
+    log "creating virtual environment in .venv"
+    python3 -m venv "$venv"
+  fi
+  "$PY" -m pip install -q --upgrade pip >/dev/null
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      log "installing torch (CUDA build)"
+      "$PY" -m pip install -q "torch>=2.5,<2.15"
+    else
+      log "installing torch (CPU build)"
+      "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.5,<2.15"
+    fi
+  fi
+  log "installing the project (pip install -e '.[dev]')"
+  "$PY" -m pip install -q -e ".[dev]"
+  echo "$stamp" > "$venv/.installed"
+}
+
+slurm_script() {
+  # args: nodes gpus partition time cpus mem account name overrides...
+  local nodes=$1 gpus=$2 partition=$3 time=$4 cpus=$5 mem=$6 account=$7 name=$8
+  shift 8
+  local tasks=$(( gpus > 0 ? gpus : 1 ))
+  local accel="cpu"
+  (( gpus > 0 )) && accel="gpu"
+  local overrides=""
+  for a in "$@"; do overrides+=" $(printf '%q' "$a")"; done
+  cat <<EOF
+#!/usr/bin/env bash
+#SBATCH --job-name=${name}
+#SBATCH --nodes=${nodes}
+#SBATCH --ntasks-per-node=${tasks}
+#SBATCH --cpus-per-task=${cpus}
+#SBATCH --time=${time}
+#SBATCH --output=${ROOT}/logs/%x-%j/slurm-%j.out
+#SBATCH --requeue
+#SBATCH --signal=SIGUSR1@120
+#SBATCH --open-mode=append
+EOF
+  (( gpus > 0 )) && echo "#SBATCH --gpus-per-node=${gpus}"
+  [[ -n "$partition" ]] && echo "#SBATCH --partition=${partition}"
+  [[ -n "$mem" ]] && echo "#SBATCH --mem=${mem}"
+  [[ -n "$account" ]] && echo "#SBATCH --account=${account}"
+  cat <<EOF
+
+# One task per GPU; Lightning reads SLURM_* (rank, world size, MASTER_ADDR from the node list) through its SLURM
+# environment and, on SIGUSR1 (sent before the time limit or on preemption), saves an hpc checkpoint and requeues;
+# the requeued job keeps its job id, so it finds that checkpoint in the same run directory and resumes.
+set -euo pipefail
+cd ${ROOT}
+export MASTER_PORT=\${MASTER_PORT:-\$(( 20000 + SLURM_JOB_ID % 20000 ))}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+RUN_DIR=${ROOT}/logs/\${SLURM_JOB_NAME}-\${SLURM_JOB_ID}
+mkdir -p "\$RUN_DIR"
+srun --kill-on-bad-exit=1 ${PY} -m framework.train trainer=ddp trainer.accelerator=${accel} \\
+  trainer.devices=${tasks} trainer.num_nodes=${nodes} hydra.run.dir="\$RUN_DIR" paths.output_dir="\$RUN_DIR"${overrides}
+EOF
+}
+
+mode=train
+module=framework.train
+nodes=1 gpus=0 partition="" time="04:00:00" cpus=4 mem="" account="" name="memfit" dry=0
+args=()
+while (($#)); do
+  case "$1" in
+    --test) mode=test; shift; args=("$@"); break ;;
+    --slurm) mode=slurm; shift ;;
+    --module) module=$2; shift 2 ;;
+    --nodes) nodes=$2; shift 2 ;;
+    --gpus-per-node) gpus=$2; shift 2 ;;
+    --partition) partition=$2; shift 2 ;;
+    --time) time=$2; shift 2 ;;
+    --cpus-per-task) cpus=$2; shift 2 ;;
+    --mem) mem=$2; shift 2 ;;
+    --account) account=$2; shift 2 ;;
+    --job-name) name=$2; shift 2 ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --*) echo "launch.sh: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+[[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --nodes must be a positive integer, got '$nodes'" >&2; exit 2; }
+[[ "$gpus" =~ ^[0-9]+$ ]] || { echo "launch.sh: --gpus-per-node must be an integer, got '$gpus'" >&2; exit 2; }
+
+case "$mode" in
+  test)
+    ensure_env
+    exec "$PY" -m pytest "${args[@]+"${args[@]}"}" ;;
+  train)
+    ensure_env
+    exec "$PY" -m "$module" "${args[@]+"${args[@]}"}" ;;
+  slurm)
+    if ((dry)); then PY="${MEMFIT_PYTHON:-$ROOT/.venv/bin/python}"; else ensure_env; fi
+    mkdir -p logs
+    script="logs/${name}-$(date +%Y%m%d-%H%M%S)-$$.sbatch"
+    slurm_script "$nodes" "$gpus" "$partition" "$time" "$cpus" "$mem" "$account" "$name" \
+      "${args[@]+"${args[@]}"}" > "$script"
+    chmod +x "$script"
+    if ((dry)); then log "wrote $script (dry run, not submitted)"; cat "$script"; exit 0; fi
+    command -v sbatch >/dev/null || { echo "launch.sh: sbatch not found (is this a SLURM login node?)" >&2; exit 1; }
+    log "submitting $script"
+    exec sbatch "$script" ;;
+esac

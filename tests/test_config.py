@@ -1,0 +1,131 @@
+"""Config tree, launcher script generation, logger selection and packaging checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from framework.config import CONF_DIR, compose
+
+GROUPS = ["model", "adapter", "storage", "loss", "data", "optim", "scheduler", "trainer", "callbacks", "logger",
+          "experiment"]
+
+
+def entries(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_entry_composes(group):
+    assert entries(group), f"conf/{group} is empty"
+    for name in entries(group):
+        cfg = compose("train", [f"{group}={name}", "paths.output_dir=/tmp/x"])
+        assert group == "experiment" or group in cfg
+        for key in ("_target_",):
+            node = cfg.get(group)
+            if node and key in node:
+                assert isinstance(node[key], str) and "." in node[key]
+
+
+def test_slurm_launcher_config_composes():
+    cfg = compose("train", ["hydra/launcher=slurm", "paths.output_dir=/tmp/x"])
+    assert cfg.model.name == "tiny"  # the launcher lives under hydra/, the job config is unchanged
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        full = hcompose("train", ["hydra/launcher=slurm", "paths.output_dir=/tmp/x"], return_hydra_config=True)
+    assert full.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert full.hydra.launcher.timeout_min == 240
+
+
+def test_default_run_is_the_quickstart():
+    cfg = compose("train", ["paths.output_dir=/tmp/x"])
+    assert cfg.model.name == "tiny" and cfg.model.pretrained is True
+    assert cfg.data.tasks == "boolean_expressions" and cfg.eval.before is True
+    assert cfg.trainer.max_steps == 150
+
+
+def test_enum_field_lists_valid_options():
+    from framework.config import check_choice
+
+    with pytest.raises(ValueError, match="logger.mode='sometimes' is not a valid option; choose one of: auto, online"):
+        check_choice("logger.mode", "sometimes", ["auto", "online", "offline", "disabled"])
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    from framework.callbacks.wandb import resolve_mode, wandb_logged_in
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert not wandb_logged_in() and resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online" and resolve_mode("disabled") == "disabled"
+
+
+def test_wandb_logger_trains_offline(fast_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from framework.train import run
+
+    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"))
+    assert res["train_loss"] > 0
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert runs, "an offline wandb run directory was written"
+
+
+def test_our_kernels_package_is_not_taken_for_hub_kernels():
+    """transformers probes an optional `kernels` distribution; ours must not be mistaken for it."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import kernels, transformers.utils.import_utils as u; "
+         "from transformers import LlamaForCausalLM; print(kernels.__file__, u.is_kernels_available())"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    path, available = out.stdout.split()
+    assert path.startswith(str(ROOT)) and available == "False"
+
+
+def run_launch(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEMFIT_PYTHON": sys.executable, **(env_extra or {})}
+    return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=60)
+
+
+def test_launch_generates_slurm_script():
+    out = run_launch("--slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "01:00:00",
+                     "--job-name", "unit", "--dry-run", "adapter=none", "data.tasks=[navigate,word_sorting]")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00", "#SBATCH --requeue",
+                 "#SBATCH --signal=SIGUSR1@120", "#SBATCH --job-name=unit"):
+        assert line in script.splitlines(), line
+    srun = [line for line in script.splitlines() if line.startswith("srun ")][0]
+    assert f"{sys.executable} -m framework.train trainer=ddp trainer.accelerator=gpu" in srun
+    assert "trainer.devices=4 trainer.num_nodes=2" in script.split("srun ", 1)[1]
+    tail = script.split("srun ", 1)[1]
+    assert "adapter=none" in tail and r"data.tasks=\[navigate\,word_sorting\]" in tail  # shell-quoted for bash
+    written = sorted((ROOT / "logs").glob("unit-*.sbatch"))[-1]
+    assert written.read_text() == script
+    check = subprocess.run(["bash", "-n", str(written)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    written.unlink()
+
+
+def test_launch_cpu_slurm_script_and_bad_options():
+    out = run_launch("--slurm", "--nodes", "1", "--dry-run", "--job-name", "unitcpu")
+    assert out.returncode == 0 and "--gpus-per-node" not in out.stdout
+    assert "trainer.accelerator=cpu" in out.stdout and "#SBATCH --ntasks-per-node=1" in out.stdout
+    for f in (ROOT / "logs").glob("unitcpu-*.sbatch"):
+        f.unlink()
+    bad = run_launch("--slurm", "--nodes", "zero", "--dry-run")
+    assert bad.returncode == 2 and "--nodes must be a positive integer" in bad.stderr
+    unknown = run_launch("--frobnicate")
+    assert unknown.returncode == 2 and "unknown option --frobnicate" in unknown.stderr
