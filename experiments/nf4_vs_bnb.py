@@ -1,0 +1,162 @@
+"""NF4 vs bitsandbytes on one GPU, same process, same inputs (issue 4, experiment `nf4_vs_bnb`).
+
+1. Bit-exactness: codes / absmax (and double-quant state) mismatch counts and dequantized max |diff| vs
+   `bitsandbytes.functional.quantize_4bit(quant_type="nf4")`, on random weights and real MiniLM weights.
+2. Dequantize bandwidth (4-bit in + bf16 out) for 4096x4096 and 14336x4096.
+3. 4-bit Linear forward and forward+backward vs `bitsandbytes.nn.Linear4bit` (and dense bf16) at batch*seq 1/16/4096.
+
+usage: python experiments/nf4_vs_bnb.py [--real path.safetensors] [--out experiments/results/nf4_vs_bnb.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from framework.quant import NF4Tensor
+from kernels.nf4 import unpack_nibbles
+
+
+def mismatches(name: str, w: torch.Tensor, dq: bool) -> dict:
+    q, st = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
+    ours = NF4Tensor.from_dense(w, 64, double_quant=dq)
+    n = w.numel()
+    codes_b = unpack_nibbles(q.view(torch.uint8).reshape(-1))[:n]
+    codes_o = unpack_nibbles(ours.packed)[:n]
+    row = {"weight": name, "shape": "x".join(map(str, w.shape)), "dtype": str(w.dtype).replace("torch.", ""),
+           "dq": dq, "codes": n, "code_mismatch": int((codes_b != codes_o).sum())}
+    if dq:
+        row["absmax_mismatch"] = int((st.absmax.view(torch.uint8) != ours.qabsmax).sum()) + int(
+            (st.state2.absmax != ours.absmax2).sum()) + int(float(st.offset) != ours.offset)
+    else:
+        row["absmax_mismatch"] = int((st.absmax != ours.absmax).sum())
+    deq_b = bnbF.dequantize_4bit(q, st)
+    row["deq_max_abs_diff"] = float((deq_b.float() - ours.dequantize().float()).abs().max())
+    return row
+
+
+def bench_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200)
+
+
+def dequant_rows(shapes: list[tuple[int, int]]) -> list[dict]:
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        q, st = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        ours = NF4Tensor.from_dense(w, 64)
+        nbytes = w.numel() // 2 + ours.absmax.numel() * 4 + w.numel() * 2
+        t_b = bench_ms(lambda q=q, st=st: bnbF.dequantize_4bit(q, st))
+        t_o = bench_ms(lambda o=ours: o.dequantize())
+        rows.append({"shape": f"{out_f}x{in_f}", "bnb_us": t_b * 1e3, "ours_us": t_o * 1e3,
+                     "bnb_GBps": nbytes / t_b / 1e6, "ours_GBps": nbytes / t_o / 1e6, "speedup": t_b / t_o})
+    return rows
+
+
+def time_linear(fns: dict[str, object], x: torch.Tensor, gy: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """{name: (forward ms without grad, forward+backward ms with the gradient to the input)} on the same x / dy."""
+    xg = x.clone().requires_grad_(True)
+    out = {}
+    for name, f in fns.items():
+        def fwd(f=f):
+            with torch.no_grad():
+                f(x)
+
+        def fwd_bwd(f=f):
+            xg.grad = None
+            f(xg).backward(gy)
+
+        out[name] = (bench_ms(fwd), bench_ms(fwd_bwd))
+    return out
+
+
+def linear_rows(shapes: list[tuple[int, int]], tokens: list[int]) -> list[dict]:
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
+        lin_b = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        lin_b.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                         compress_statistics=False)
+        lin_b = lin_b.cuda()
+        w_cuda = w.cuda()
+        q = NF4Tensor.from_dense(w_cuda, 64)
+        fns = {"bnb": lin_b, "ours": lambda t, q=q: F.linear(t, q), "dense": lambda t, w=w_cuda: F.linear(t, w)}
+        for m in tokens:
+            x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+            gy = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+            t = time_linear(fns, x, gy)
+            rows.append({"shape": f"{out_f}x{in_f}", "tokens": m, "fwd_bnb_us": t["bnb"][0] * 1e3,
+                         "fwd_ours_us": t["ours"][0] * 1e3, "fwd_dense_us": t["dense"][0] * 1e3,
+                         "fwd_ratio": t["bnb"][0] / t["ours"][0], "fb_bnb_us": t["bnb"][1] * 1e3,
+                         "fb_ours_us": t["ours"][1] * 1e3, "fb_dense_us": t["dense"][1] * 1e3,
+                         "fb_ratio": t["bnb"][1] / t["ours"][1]})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--real", default=".cache/nf4_real/minilm_l0_l5_linear.safetensors")
+    ap.add_argument("--out", default="experiments/results/nf4_vs_bnb.md")
+    ap.add_argument("--quick", action="store_true", help="smaller benchmark (smoke run)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    exact = []
+    for dq in (False, True):
+        exact.append(mismatches("randn", torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16), dq))
+        exact.append(mismatches("randn", torch.randn(14336, 4096, device=dev, dtype=torch.bfloat16) * 0.02, dq))
+        exact.append(mismatches("randn-odd", torch.randn(1000, 37, device=dev, dtype=torch.float16), dq))
+        z = torch.randn(512, 256, device=dev)
+        z[:2] = 0  # all-zero blocks
+        exact.append(mismatches("randn+zero-blocks", z, dq))
+    real_note = "real weights: not found"
+    if Path(args.real).exists():
+        from safetensors.torch import load_file
+
+        real = load_file(args.real)
+        real_note = f"real weights: {len(real)} Linear weights of MiniLM-L6 (layers 0 and 5) from {args.real}"
+        for k, v in real.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                for dq in (False, True):
+                    exact.append(mismatches("minilm:" + k.replace("encoder.layer.", "L").replace(".weight", ""),
+                                            v.to(dev, dtype), dq))
+    tot_codes = sum(r["code_mismatch"] for r in exact)
+    tot_abs = sum(r["absmax_mismatch"] for r in exact)
+    max_diff = max(r["deq_max_abs_diff"] for r in exact)
+    shapes = [(4096, 4096), (14336, 4096)]
+    deq = dequant_rows(shapes)
+    lin = linear_rows(shapes, [1, 16] if args.quick else [1, 16, 4096])
+    env = (f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+           f"bitsandbytes {bnb.__version__}, python {platform.python_version()}")
+    md = [
+        "# NF4 vs bitsandbytes (issue 4, `experiments/nf4_vs_bnb.py`)", "", env, "",
+        "## Bit-exactness (blocks of 64; dq = double quantization of absmax)", "", real_note, "",
+        f"Totals over {len(exact)} tensors: code mismatches {tot_codes}, absmax/state mismatches {tot_abs}, "
+        f"dequantized max |diff| {max_diff:g}", "", table(exact), "",
+        "## Dequantize (bf16 out; bytes = 4-bit codes + fp32 absmax + bf16 output)", "", table(deq), "",
+        "## Linear, bf16, no bias: forward (no grad) and forward+backward (grad to input); ratio = bnb / ours (>1: we are "
+        "faster)", "", table(lin), "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
