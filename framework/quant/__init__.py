@@ -17,6 +17,9 @@ from framework.config import check_choice
 # storage name -> "module:function" taking (model, cfg) and returning the model with its frozen weights converted
 STORAGES: dict[str, str | None] = {
     "dense": None,
+    "nf4": "framework.quant.nf4_apply:apply_nf4",
+    "neuzip": "framework.quant.neuzip:apply_neuzip",
+    "neuzip_lossy": "framework.quant.neuzip:apply_neuzip",
 }
 
 # public tensor types, imported lazily: `from framework.quant import NF4Tensor`
