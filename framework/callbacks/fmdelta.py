@@ -1,0 +1,142 @@
+"""Checkpoints of full fine-tuning runs written as FM-Delta against the base model (`callbacks=fmdelta`).
+
+At `setup` (before Lightning restores any `ckpt_path`) the callback snapshots the freshly built model's state dict:
+that is the base. It then wraps the strategy's CheckpointIO: on save, the checkpoint's `state_dict` is replaced by an
+FM-Delta container (bytes) against the base, and the optimizer state is kept as usual or compressed with a generic
+codec (`optimizer_codec`); on load (resume with `ckpt_path=`) both are restored bit for bit before Lightning uses them,
+so a resumed run continues exactly as from an uncompressed checkpoint. A checkpoint made against another base fails
+with BaseMismatchError.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import zlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from framework.compression.fmdelta_records import state_fingerprint
+from framework.compression.fmdelta_state import load_state_delta, save_state_delta
+from framework.config import check_choice
+
+CODECS = ("none", "zlib", "lzma", "zstd")
+KEY = "fmdelta"
+
+
+def generic_compress(data: bytes, codec: str, level: int | None = None) -> bytes:
+    """Compress with a general-purpose codec (the measured alternative for optimizer state)."""
+    check_choice("optimizer_codec", codec, CODECS)
+    if codec == "zlib":
+        return zlib.compress(data, 6 if level is None else level)
+    if codec == "lzma":
+        return lzma.compress(data, preset=6 if level is None else level)
+    if codec == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=3 if level is None else level).compress(data)
+    return data
+
+
+def generic_decompress(data: bytes, codec: str) -> bytes:
+    check_choice("optimizer_codec", codec, CODECS)
+    if codec == "zlib":
+        return zlib.decompress(data)
+    if codec == "lzma":
+        return lzma.decompress(data)
+    if codec == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data)
+    return data
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class FMDeltaCheckpointIO(CheckpointIO):
+    """Delegates file I/O to the wrapped CheckpointIO; encodes/decodes the model and optimizer state."""
+
+    def __init__(self, inner: CheckpointIO, owner: FMDeltaCheckpoint):
+        self.inner, self.owner = inner, owner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(self.owner.encode(checkpoint), path, storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        return self.owner.decode(self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+class FMDeltaCheckpoint(L.Callback):
+    def __init__(self, context: bool = True, optimizer_codec: str = "none", optimizer_level: int | None = None):
+        check_choice("callbacks.fmdelta.optimizer_codec", optimizer_codec, CODECS)
+        self.context, self.codec, self.level = context, optimizer_codec, optimizer_level
+        self.base: dict[str, torch.Tensor] | None = None
+        self.base_fp = ""
+        self.sizes: dict[str, int] = {}  # bytes of the last checkpoint's parts (raw vs stored), for measurements
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.base is None:
+            self.base = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            self.base_fp = state_fingerprint(self.base)
+        strategy = trainer.strategy
+        if not isinstance(strategy.checkpoint_io, FMDeltaCheckpointIO):
+            strategy.checkpoint_io = FMDeltaCheckpointIO(strategy.checkpoint_io, self)
+
+    def encode(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        if self.base is None:
+            raise RuntimeError("FMDeltaCheckpoint has no base: the callback was not set up by a Trainer")
+        ckpt = dict(checkpoint)
+        state = ckpt.pop("state_dict")
+        buf = io.BytesIO()
+        save_state_delta(buf, state, self.base, context=self.context, base_fp=self.base_fp)
+        blob: dict[str, Any] = {"version": 1, "state_dict": buf.getvalue(), "base_fingerprint": self.base_fp,
+                                "optimizer_codec": self.codec}
+        self.sizes = {"state_dict_raw": _tensor_bytes(state), "state_dict_stored": len(blob["state_dict"])}
+        if "optimizer_states" in ckpt:
+            self.sizes["optimizer_raw"] = _tensor_bytes(ckpt["optimizer_states"])
+            if self.codec != "none":
+                ob = io.BytesIO()
+                torch.save(ckpt.pop("optimizer_states"), ob)
+                blob["optimizer_states"] = generic_compress(ob.getvalue(), self.codec, self.level)
+                self.sizes["optimizer_stored"] = len(blob["optimizer_states"])
+        ckpt[KEY] = blob
+        return ckpt
+
+    def decode(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """Restore `state_dict` (and compressed optimizer state) of an FM-Delta checkpoint; others pass through."""
+        blob = ckpt.pop(KEY, None)
+        if blob is None:
+            return ckpt
+        if self.base is None:
+            raise RuntimeError("FMDeltaCheckpoint has no base: the callback was not set up by a Trainer")
+        ckpt["state_dict"] = load_state_delta(io.BytesIO(blob["state_dict"]), self.base, base_fp=self.base_fp)
+        if "optimizer_states" in blob:
+            raw = generic_decompress(blob["optimizer_states"], blob["optimizer_codec"])
+            ckpt["optimizer_states"] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return ckpt
+
+
+def load_fmdelta_checkpoint(path: str | Path, base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A Lightning checkpoint written with FMDeltaCheckpoint, decoded against `base` (outside a Trainer)."""
+    cb = FMDeltaCheckpoint()
+    cb.base, cb.base_fp = base, state_fingerprint(base)
+    return cb.decode(torch.load(path, map_location="cpu", weights_only=True))
