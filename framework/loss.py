@@ -42,3 +42,29 @@ class TorchCrossEntropy:
             lse = torch.logsumexp(logits[valid], dim=-1)
             loss = loss + self.z_loss * (lse**2).mean()
         return loss
+
+
+class CutCrossEntropy:
+    """Fused linear cross-entropy (`kernels.cce`): the same loss as TorchCrossEntropy without the N x V logits.
+
+    Triton on CUDA, chunked torch on CPU; FSDP2-sharded (DTensor) head weights are gathered inside the call.
+    `filter_eps` ('auto' | float | None = exact) trades a bounded gradient error for speed on GPU.
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 filter_eps: float | str | None = "auto", accum_fp32: bool = False, impl: str = "auto"):
+        from framework.config import check_choice
+
+        check_choice("loss.impl", impl, ["auto", "triton", "torch"])
+        self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
+        self.filter_eps, self.accum_fp32, self.impl = filter_eps, accum_fp32, impl
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                 bias: torch.Tensor | None = None, shift: int = 1, softcap: float | None = None) -> torch.Tensor:
+        from kernels.cce import linear_cross_entropy  # lazy: Triton kernels compile (or interpret) on first use
+
+        return linear_cross_entropy(
+            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, shift=shift, softcap=softcap or None,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, filter_eps=self.filter_eps,
+            accum_fp32=self.accum_fp32, impl=self.impl,
+        )

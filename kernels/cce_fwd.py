@@ -1,0 +1,113 @@
+"""Triton forward of linear cross-entropy: per-row log-sum-exp, target logit and logit sum, logits kept on chip.
+
+Grid (row blocks, vocabulary splits). Each program owns BLOCK_N rows and one contiguous split of the vocabulary, walks
+its BLOCK_V tiles with an online (max, sum-exp) in fp32, and writes one partial LSE per row and split; the few partials
+are merged in torch (N x splits floats: no locks, no N x V buffer). Splits exist only to fill the GPU when N is small.
+Offsets are 64-bit so N x V and V x D beyond 2^31 are safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh on every supported version; the sigmoid identity is exact enough in fp32
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _up(x, UPCAST: tl.constexpr):
+    # the interpreter's bf16 dot is wrong (bf16 held as uint16): upcast there; exact, as bf16 products fit fp32
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
+                N, V, D, stride_e, stride_c, tiles_per_split, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUMZ: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    tgt = tl.load(Tgt + rows, mask=mask_n, other=-1)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_N,), tl.float32)
+    t_i = tl.zeros((BLOCK_N,), tl.float32)
+    s_i = tl.zeros((BLOCK_N,), tl.float32)
+    for t in range(0, tiles_per_split):
+        v0 = (pid_s * tiles_per_split + t).to(tl.int64) * BLOCK_V
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            mask_d = dd < D
+            e = tl.load(E + rows[:, None] * stride_e + dd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            c = tl.load(C + offs_v[None, :] * stride_c + dd[:, None], mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+            acc = tl.dot(_up(e, UPCAST), _up(c, UPCAST), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        if SOFTCAP:
+            acc = softcap * _tanh(acc / softcap)
+        t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
+        if SUMZ:
+            s_i += tl.sum(tl.where(mask_v[None, :], acc, 0.0), axis=1)
+        acc = tl.where(mask_v[None, :], acc, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(acc, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(acc - m_safe[:, None]), axis=1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log(l_i), -float("inf"))
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(LsePart + out, lse, mask=mask_n)
+    tl.store(TPart + out, t_i, mask=mask_n)
+    if SUMZ:
+        tl.store(SPart + out, s_i, mask=mask_n)
+
+
+def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): small tiles for the interpreter, Hopper-sized on GPU."""
+    if device.type != "cuda":
+        return 16, 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 128, 256, 64, 8, 3
+
+
+def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
+                 softcap: float | None, need_sumz: bool,
+                 config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of `cce_reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
+    n, d = e.shape
+    v = c.shape[0]
+    bn, bv, bd, warps, stages = config or _config(n, v, d, e.dtype, e.device)
+    row_blocks = triton.cdiv(n, bn)
+    v_tiles = triton.cdiv(v, bv)
+    sms = torch.cuda.get_device_properties(e.device).multi_processor_count if e.device.type == "cuda" else 1
+    splits = max(1, min(v_tiles, triton.cdiv(2 * sms, row_blocks)))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    lse_p = torch.empty(splits, n, dtype=torch.float32, device=e.device)
+    t_p = torch.empty_like(lse_p)
+    s_p = torch.empty_like(lse_p) if need_sumz else lse_p
+    precision = "ieee" if e.dtype == torch.float32 else "tf32"
+    _fwd_kernel[(row_blocks, splits)](
+        e, c, bias if bias is not None else e, tgt, lse_p, t_p, s_p,
+        n, v, d, e.stride(0), c.stride(0), tiles_per_split, float(softcap or 1.0),
+        HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), SUMZ=need_sumz, PRECISION=precision,
+        UPCAST=e.device.type != "cuda",
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+    )
+    lse = torch.logsumexp(lse_p, dim=0) if splits > 1 else lse_p[0]
+    sumz = s_p.sum(dim=0) if need_sumz else torch.zeros_like(lse)
+    return lse, t_p.sum(dim=0), sumz

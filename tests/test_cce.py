@@ -1,0 +1,127 @@
+"""CCE numerics on CPU: Triton (interpreted) and chunked-torch paths against an fp64 ground truth.
+
+Form: |gt - impl| <= |gt - ref_same_dtype| + tol, where ref_same_dtype materialises the logits in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
+
+from kernels.cce import linear_cross_entropy  # after cce_common has set TRITON_INTERPRET
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def compare(e, c, t, dtype, impl, bias=None, weight=None, lse_weight=None, filter_eps=None, **kw):
+    """Ground truth in fp64, torch reference in `dtype`, ours in `dtype`; check the bound on loss, LSE and grads."""
+    def ref_fn(e_, c_, b_):
+        return reference(e_, c_, t, bias=b_, **kw)
+
+    def cast(x):
+        return x.to(dtype) if x is not None else None
+
+    gt = run_with_grads(ref_fn, e.double(), c.double(), bias.double() if bias is not None else None, weight,
+                        lse_weight)
+    ref = run_with_grads(ref_fn, cast(e), cast(c), cast(bias), weight, lse_weight)
+    out = run_with_grads(lambda e_, c_, b_: linear_cross_entropy(e_, c_, t, bias=b_, impl=impl, return_lse=True,
+                                                                 filter_eps=filter_eps, **kw),
+                         cast(e), cast(c), cast(bias), weight, lse_weight)
+    assert out["de"].dtype == dtype and out["dc"].dtype == dtype
+    assert_close_to_gt(gt, out, ref, TOL[dtype])
+    return gt, out
+
+
+SIZES = [(1, 5, 3), (7, 130, 16), (64, 257, 33)]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("kind", ["peaked", "flat"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_loss_lse_grads_vs_fp64(size, dtype, kind, impl):
+    n, v, d = size
+    e, c, t = make_inputs(n, v, d, kind, seed=n + v + d, ignore_every=3 if n > 1 else 0)
+    compare(e, c, t, dtype, impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp16_and_batched_shape(impl):
+    e, c, t = make_inputs(24, 130, 16, "peaked", seed=3, ignore_every=5)
+    compare(e.reshape(2, 12, 16), c, t.reshape(2, 12), torch.float16, impl, reduction="none", shift=1)
+
+
+# softcap x smoothing x z-loss x bias, with reduction and shift cycling through their values
+OPTION_GRID = list(itertools.product([None, 2.5], [0.0, 0.1], [0.0, 1e-3], [False, True]))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("i", range(len(OPTION_GRID)))
+def test_option_combinations(i, impl):
+    softcap, ls, zl, has_bias = OPTION_GRID[i]
+    reduction = ["mean", "sum", "none"][i % 3]
+    shift = i % 2
+    e, c, t = make_inputs(2 * 13, 130, 16, "peaked" if i % 2 else "flat", seed=i, ignore_every=4)
+    e, t = e.reshape(2, 13, 16), t.reshape(2, 13)
+    bias = torch.randn(130, generator=torch.Generator().manual_seed(i)) if has_bias else None
+    weight = torch.rand(2, 13, generator=torch.Generator().manual_seed(100 + i)) if reduction == "none" else None
+    compare(e, c, t, torch.float32, impl, bias=bias, weight=weight, softcap=softcap, label_smoothing=ls, z_loss=zl,
+            reduction=reduction, shift=shift)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gradient_through_returned_lse(impl):
+    """return_lse is differentiable: a loss on the LSE (a user-side z-loss) gets exact gradients."""
+    e, c, t = make_inputs(33, 130, 16, "flat", seed=5, ignore_every=4)
+    lse_w = torch.rand(33, generator=torch.Generator().manual_seed(1))
+    compare(e, c, t, torch.float32, impl, lse_weight=lse_w, reduction="sum")
+
+
+@pytest.mark.parametrize("softcap", [None, 10.0])
+def test_filtered_gradient_error_is_bounded(softcap):
+    """Each skipped tile drops terms |a p| < eps|a|: |dE_f - dE| <= eps |a_i| sum_j |C_j|, |dC_f - dC| <= eps sum_i |a_i E_i|."""
+    eps = 2e-3
+    e, c, t = make_inputs(64, 257, 33, "peaked", seed=11)
+    grads = {}
+    for name, fe, sort in [("exact", None, False), ("sorted", eps, True), ("unsorted", eps, False)]:
+        e_, c_ = e.clone().requires_grad_(), c.clone().requires_grad_()
+        linear_cross_entropy(e_, c_, t, softcap=softcap, filter_eps=fe, sort_vocab=sort, impl="triton").backward()
+        grads[name] = (e_.grad, c_.grad)
+    a = 1.0 / 64  # mean reduction over 64 valid rows: every coefficient a_i = 1/64
+    bound_e = eps * a * c.abs().sum(dim=0)[None, :] + 1e-7
+    bound_c = eps * a * e.abs().sum(dim=0)[None, :] + 1e-7
+    for name in ("sorted", "unsorted"):
+        de, dc = grads[name][0] - grads["exact"][0], grads[name][1] - grads["exact"][1]
+        assert (de.abs() <= bound_e).all() and (dc.abs() <= bound_c).all(), name
+        assert dc.abs().max() > 0, f"{name}: no tile was filtered, the test would prove nothing"
+    # the loss itself never depends on filtering
+    l_exact = linear_cross_entropy(e, c, t, softcap=softcap, filter_eps=None, impl="triton")
+    l_filt = linear_cross_entropy(e, c, t, softcap=softcap, filter_eps=eps, impl="triton")
+    assert torch.equal(l_exact, l_filt)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_all_ignored_batch_gives_zero_loss_and_zero_grads(impl):
+    e, c, t = make_inputs(7, 130, 16, "flat", seed=2)
+    t[:] = -100
+    for reduction in ("mean", "sum", "none"):
+        e_, c_ = e.clone().requires_grad_(), c.clone().requires_grad_()
+        loss = linear_cross_entropy(e_, c_, t, impl=impl, reduction=reduction)
+        loss.sum().backward()
+        assert torch.equal(loss, torch.zeros_like(loss)), reduction
+        assert torch.equal(e_.grad, torch.zeros_like(e)) and torch.equal(c_.grad, torch.zeros_like(c)), reduction
+
+
+def test_triton_and_torch_paths_agree_at_tile_edges():
+    """Sizes one off the tile sizes (16 rows, 32 columns, 16 features) on both sides: masks are right."""
+    for n, v, d in [(15, 31, 15), (17, 33, 17), (16, 32, 16)]:
+        e, c, t = make_inputs(n, v, d, "flat", seed=n)
+        outs = {}
+        for impl in ("triton", "torch"):
+            outs[impl] = run_with_grads(lambda e_, c_, b_, impl=impl, t=t: linear_cross_entropy(
+                e_, c_, t, impl=impl, return_lse=True, filter_eps=None), e, c)
+        for k in ("loss", "lse", "de", "dc"):
+            torch.testing.assert_close(outs["triton"][k], outs["torch"][k], rtol=1e-5, atol=1e-6)
