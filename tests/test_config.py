@@ -47,7 +47,7 @@ def test_default_run_is_the_quickstart():
     cfg = compose("train", ["paths.output_dir=/tmp/x"])
     assert cfg.model.name == "tiny" and cfg.model.pretrained is True
     assert cfg.data.tasks == "boolean_expressions" and cfg.eval.before is True
-    assert cfg.trainer.max_steps == 150
+    assert cfg.trainer.max_steps == 150 and cfg.loss.name == "cce"
 
 
 def test_enum_field_lists_valid_options():
