@@ -1,0 +1,85 @@
+"""`python -m framework.neuzip stats <model dir> [--dtype bf16] [--mantissa-bits K]`: NeuZip compressibility.
+
+Per float tensor: exponent entropy H (bits), the bound 1 + H + kept mantissa bits, the bits/weight NeuZip achieves
+(every stream, table and header counted) and their ratio. Reads *.safetensors (or pytorch_model.bin) from the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from framework.quant import neuzip_codec as codec
+from framework.quant.neuzip import NeuZipTensor
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (safetensors preferred)."""
+    d = Path(model_dir)
+    files = sorted(d.rglob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+    bins = sorted(d.rglob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin under {d}")
+    return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+
+
+def exponent_entropy(exps: torch.Tensor) -> float:
+    p = torch.bincount(exps.long(), minlength=256).double()
+    p = p[p > 0] / exps.numel()
+    return float(-(p * p.log2()).sum())
+
+
+def tensor_stats(w: torch.Tensor, mantissa_bits: int | None = None) -> dict[str, float]:
+    """Entropy bound vs achieved size for one tensor (already in the target dtype)."""
+    k = codec.check_mantissa_bits(w.dtype, mantissa_bits)
+    exps, _, _ = codec.split(w, k)
+    h = exponent_entropy(exps)
+    z = NeuZipTensor.from_dense(w, mantissa_bits)
+    bits = 8 * z.compressed_nbytes / w.numel()
+    err = (z.dequantize().float() - w.float()).norm() / w.float().norm().clamp_min(1e-30)
+    return {"numel": w.numel(), "H_exp": h, "bound": 1 + h + k, "bits": bits, "ratio": bits / (1 + h + k),
+            "rel_err": float(err)}
+
+
+def model_stats(tensors: dict[str, torch.Tensor], dtype: torch.dtype, mantissa_bits: int | None = None,
+                min_numel: int = 4096) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
+    """Per-tensor stats of the float tensors with >= min_numel elements, and the weighted total."""
+    rows = [(name, tensor_stats(t.to(dtype), mantissa_bits)) for name, t in tensors.items()
+            if t.is_floating_point() and t.numel() >= min_numel]
+    n = sum(r["numel"] for _, r in rows)
+    tot = {"numel": n}
+    for key in ("H_exp", "bound", "bits"):
+        tot[key] = sum(r[key] * r["numel"] for _, r in rows) / max(1, n)
+    tot["ratio"] = tot["bits"] / tot["bound"] if tot["bound"] else math.nan
+    sq = sum((r["rel_err"] ** 2) * r["numel"] for _, r in rows) / max(1, n)
+    tot["rel_err"] = math.sqrt(sq)
+    return rows, tot
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m framework.neuzip")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stats", help="per-tensor entropy, achieved bits/weight, ratio vs bound")
+    st.add_argument("model_dir")
+    st.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    st.add_argument("--mantissa-bits", type=int, default=None, help="lossy: kept mantissa bits (default lossless)")
+    st.add_argument("--min-numel", type=int, default=4096)
+    a = ap.parse_args(argv)
+    rows, tot = model_stats(load_tensors(a.model_dir), DTYPES[a.dtype], a.mantissa_bits, a.min_numel)
+    print(f"{'tensor':60s} {'numel':>10s} {'H(exp)':>7s} {'bound':>7s} {'bits':>7s} {'ratio':>6s} {'rel_err':>9s}")
+    for name, r in [*rows, ("TOTAL", tot)]:
+        print(f"{name[:60]:60s} {r['numel']:>10d} {r['H_exp']:7.3f} {r['bound']:7.3f} {r['bits']:7.3f} "
+              f"{r['ratio']:6.3f} {r['rel_err']:9.2e}")
+
+
+if __name__ == "__main__":
+    main()
