@@ -4,12 +4,15 @@
 #   ./launch.sh --test [pytest args]              run the test suite (same set-up)
 #   ./launch.sh --module framework.transfer [overrides]   run another entry point
 #   ./launch.sh --slurm --nodes N --gpus-per-node G [--partition P] [--time HH:MM:SS] [--cpus-per-task C]
-#               [--mem M] [--account A] [--job-name NAME] [--dry-run] [hydra overrides]
-#       writes logs/<name>-<stamp>.sbatch (one task per GPU, srun, requeue on preemption/timeout) and submits it
-# Environment: MEMFIT_PYTHON=/path/to/python uses your own environment instead of .venv.
+#               [--mem M] [--account A] [--job-name NAME] [--tasks-per-node T] [--dry-run] [hydra overrides]
+#       writes logs/<name>-<stamp>.sbatch (one task per GPU, or T CPU tasks; srun; requeue on preemption/timeout),
+#       submits it and prints the job id; the run directory is logs/<name>-<jobid>/
+# Environment: MEMFIT_PYTHON=/path/to/python uses your own environment instead of .venv;
+#              MEMFIT_LOGS=DIR puts SLURM scripts and run directories (DIR/<name>-<jobid>/) there instead of logs/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
+LOGS="${MEMFIT_LOGS:-$ROOT/logs}"   # SLURM scripts and run directories <name>-<jobid>/
 
 log() { printf '[launch] %s\n' "$*" >&2; }
 
@@ -39,14 +42,17 @@ ensure_env() {
 }
 
 slurm_script() {
-  # args: nodes gpus partition time cpus mem account name overrides...
-  local nodes=$1 gpus=$2 partition=$3 time=$4 cpus=$5 mem=$6 account=$7 name=$8
-  shift 8
-  local tasks=$(( gpus > 0 ? gpus : 1 ))
+  # args: nodes gpus partition time cpus mem account name tasks overrides...
+  local nodes=$1 gpus=$2 partition=$3 time=$4 cpus=$5 mem=$6 account=$7 name=$8 tasks=$9
+  shift 9
+  [[ -z "$tasks" ]] && tasks=$(( gpus > 0 ? gpus : 1 ))
   local accel="cpu"
   (( gpus > 0 )) && accel="gpu"
-  local overrides=""
-  for a in "$@"; do overrides+=" $(printf '%q' "$a")"; done
+  local overrides="" trainer="trainer=ddp"
+  for a in "$@"; do
+    overrides+=" $(printf '%q' "$a")"
+    [[ "$a" == trainer=* ]] && trainer=""   # the user's trainer=fsdp (or other) replaces the ddp default
+  done
   cat <<EOF
 #!/usr/bin/env bash
 #SBATCH --job-name=${name}
@@ -54,7 +60,7 @@ slurm_script() {
 #SBATCH --ntasks-per-node=${tasks}
 #SBATCH --cpus-per-task=${cpus}
 #SBATCH --time=${time}
-#SBATCH --output=${ROOT}/logs/%x-%j/slurm-%j.out
+#SBATCH --output=${LOGS}/%x-%j/slurm-%j.out
 #SBATCH --requeue
 #SBATCH --signal=SIGUSR1@120
 #SBATCH --open-mode=append
@@ -66,22 +72,26 @@ EOF
   cat <<EOF
 
 # One task per GPU; Lightning reads SLURM_* (rank, world size, MASTER_ADDR from the node list) through its SLURM
-# environment and, on SIGUSR1 (sent before the time limit or on preemption), saves an hpc checkpoint and requeues;
-# the requeued job keeps its job id, so it finds that checkpoint in the same run directory and resumes.
+# environment. On SIGUSR1 (sent 120 s before the time limit) or SIGTERM (preemption, scancel) every rank checkpoints
+# at the next step boundary and rank 0 requeues the job (framework/parallel/slurm.py); the requeued job keeps its
+# id, so it finds hpc_ckpt_<n>.ckpt in the same run directory and resumes from it.
 set -euo pipefail
 cd ${ROOT}
+# the tasks handle USR1/TERM (checkpoint + requeue); the batch shell must survive them (bash would exit on USR1)
+trap 'echo "[launch] batch shell: signal passed to the tasks"' USR1 TERM
 export MASTER_PORT=\${MASTER_PORT:-\$(( 20000 + SLURM_JOB_ID % 20000 ))}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-RUN_DIR=${ROOT}/logs/\${SLURM_JOB_NAME}-\${SLURM_JOB_ID}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=\${SLURM_CPUS_PER_TASK:-1}
+RUN_DIR=${LOGS}/\${SLURM_JOB_NAME}-\${SLURM_JOB_ID}
 mkdir -p "\$RUN_DIR"
-srun --kill-on-bad-exit=1 ${PY} -m framework.train trainer=ddp trainer.accelerator=${accel} \\
+echo "[launch] job \${SLURM_JOB_ID} restart \${SLURM_RESTART_COUNT:-0} on \${SLURM_JOB_NODELIST}: run dir \$RUN_DIR"
+srun --kill-on-bad-exit=1 ${PY} -m framework.train ${trainer} trainer.accelerator=${accel} \\
   trainer.devices=${tasks} trainer.num_nodes=${nodes} hydra.run.dir="\$RUN_DIR" paths.output_dir="\$RUN_DIR"${overrides}
 EOF
 }
 
 mode=train
 module=framework.train
-nodes=1 gpus=0 partition="" time="04:00:00" cpus=4 mem="" account="" name="memfit" dry=0
+nodes=1 gpus=0 partition="" time="04:00:00" cpus=4 mem="" account="" name="memfit" tasks="" dry=0
 args=()
 while (($#)); do
   case "$1" in
@@ -96,6 +106,7 @@ while (($#)); do
     --mem) mem=$2; shift 2 ;;
     --account) account=$2; shift 2 ;;
     --job-name) name=$2; shift 2 ;;
+    --tasks-per-node) tasks=$2; shift 2 ;;
     --dry-run) dry=1; shift ;;
     -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see ./launch.sh --help)" >&2; exit 2 ;;
@@ -104,6 +115,10 @@ while (($#)); do
 done
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --nodes must be a positive integer, got '$nodes'" >&2; exit 2; }
 [[ "$gpus" =~ ^[0-9]+$ ]] || { echo "launch.sh: --gpus-per-node must be an integer, got '$gpus'" >&2; exit 2; }
+[[ -z "$tasks" || "$tasks" =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --tasks-per-node must be a positive integer, got '$tasks'" >&2; exit 2; }
+if [[ -n "$tasks" ]] && (( gpus > 0 && tasks != gpus )); then
+  echo "launch.sh: --tasks-per-node ($tasks) must equal --gpus-per-node ($gpus): one task per GPU" >&2; exit 2
+fi
 
 case "$mode" in
   test)
@@ -114,13 +129,19 @@ case "$mode" in
     exec "$PY" -m "$module" "${args[@]+"${args[@]}"}" ;;
   slurm)
     if ((dry)); then PY="${MEMFIT_PYTHON:-$ROOT/.venv/bin/python}"; else ensure_env; fi
-    mkdir -p logs
-    script="logs/${name}-$(date +%Y%m%d-%H%M%S)-$$.sbatch"
-    slurm_script "$nodes" "$gpus" "$partition" "$time" "$cpus" "$mem" "$account" "$name" \
+    mkdir -p "$LOGS" && LOGS="$(cd "$LOGS" && pwd)"
+    script="${LOGS}/${name}-$(date +%Y%m%d-%H%M%S)-$$.sbatch"
+    slurm_script "$nodes" "$gpus" "$partition" "$time" "$cpus" "$mem" "$account" "$name" "$tasks" \
       "${args[@]+"${args[@]}"}" > "$script"
     chmod +x "$script"
     if ((dry)); then log "wrote $script (dry run, not submitted)"; cat "$script"; exit 0; fi
     command -v sbatch >/dev/null || { echo "launch.sh: sbatch not found (is this a SLURM login node?)" >&2; exit 1; }
     log "submitting $script"
-    exec sbatch "$script" ;;
+    # held until logs/<name>-<id>/ exists: slurmd does not create the directory of --output itself
+    job=$(sbatch --parsable --hold "$script")
+    job=${job%%;*}
+    mkdir -p "${LOGS}/${name}-${job}"
+    scontrol release "$job"
+    log "submitted job $job; logs in ${LOGS}/${name}-${job}/"
+    echo "$job" ;;
 esac

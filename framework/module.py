@@ -57,6 +57,9 @@ class LMModule(L.LightningModule):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def lm_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        root = self.__dict__.get("_fsdp_root")
+        if root is not None and not root.active:  # FSDP2: run inside the root unit's forward (framework/parallel)
+            return root(self.lm_loss, batch)
         hidden = self.hidden_states(batch["input_ids"], batch.get("attention_mask"))
         head = self.lm_head
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -73,9 +76,12 @@ class LMModule(L.LightningModule):
         tok = self.tokenizer
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
+        root = self.__dict__.get("_fsdp_root")
+        generate = self.model.generate if root is None else (lambda **kw: root(self.model.generate, **kw))
+        out = generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            synced_gpus=root is not None and self.trainer.world_size > 1,  # sharded: every rank runs every step
         )
         self.model.train(was_training)
         return [first_line(t) for t in tok.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)]
@@ -127,6 +133,13 @@ class LMModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    # ---------------------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """trainer=fsdp: the strategy shards the model once the process group exists (idempotent: fit after test)."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None and self.__dict__.get("_fsdp_root") is None:
+            self.__dict__["_fsdp_root"] = shard(self.model)  # kept out of the module tree: no duplicate state keys
 
     # ---------------------------------------------------------------------------------------------- optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -23,6 +23,7 @@ from framework.callbacks.monitor import ThroughputMonitor
 from framework.config import build, check_choice
 from framework.models.build import build_model
 from framework.module import LMModule
+from framework.parallel.slurm import SlurmRequeue, on_slurm
 from framework.quant import apply_storage
 from framework.report import print_summary
 
@@ -87,22 +88,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         generate_batches=cfg.eval.generate_batches, task_names=getattr(datamodule, "tasks", None),
     )
     callbacks = make_callbacks(cfg)
+    if on_slurm() and not any(isinstance(c, SlurmRequeue) for c in callbacks):
+        callbacks.append(SlurmRequeue())  # checkpoint + requeue on SIGUSR1/SIGTERM (framework/parallel/slurm.py)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg))
 
     results: dict[str, Any] = {"config": cfg}
     trainable, total = count_parameters(model)
     results.update(trainable_params=trainable, total_params=total)
     can_test = cfg.eval.test and hasattr(datamodule, "sizes") and datamodule.sizes.get("test", 0) > 0
-    if cfg.eval.before and can_test:
+    resuming = on_slurm() and trainer._checkpoint_connector._hpc_resume_path is not None  # a requeued job
+    if cfg.eval.before and can_test and not resuming:
         results["before"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if any(getattr(c, "stopped", False) for c in callbacks):  # preempted: the requeued job resumes and finishes
+        log.warning("training stopped for a SLURM signal at step %d; exiting for the requeue", trainer.global_step)
+        results["requeued"] = True
+        return results
     if can_test:
         results["after"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     monitor = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
     results["perf"] = dict(monitor.summary) if monitor else {}
     results["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
     results["seconds"] = time.perf_counter() - t_start
-    if cfg.get("save_model") and trainer.is_global_zero:
+    sharded = getattr(trainer.strategy, "shard", None) is not None
+    if sharded:  # FSDP2: trainable (adapter) tensors gathered to full tensors, written by rank 0
+        from framework.parallel.fsdp import save_sharded_model, save_trainable
+
+        save_trainable(module.model, Path(cfg.paths.output_dir) / "trainable.safetensors")
+        if cfg.get("save_model"):
+            save_sharded_model(module, cfg, Path(cfg.save_model))
+    if cfg.get("save_model") and trainer.is_global_zero and not sharded:
         save_dir = Path(cfg.save_model)
         from framework.adapters import merged_copy
 

@@ -1,0 +1,95 @@
+"""Turn a (sharded) training checkpoint into a plain HF model directory.
+
+    python -m framework.consolidate RUN/checkpoints/last.ckpt OUT_DIR [--config RUN/.hydra/config.yaml]
+
+A `trainer=fsdp` checkpoint is a torch.distributed.checkpoint directory (one file per rank); a single-process or DDP
+checkpoint is one file. Either way the model is rebuilt from the run's own config (model, adapter, storage), the
+weights are loaded, adapters merged, and the result written with `save_pretrained` (+ tokenizer): loadable by
+`AutoModelForCausalLM.from_pretrained` or `model=llama model.path=OUT_DIR`. No process group is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PREFIX = "model."  # LMModule keeps the HF model as `self.model`
+
+
+def load_full_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The LightningModule state dict of a checkpoint file or sharded (DCP) directory, as full CPU tensors."""
+    path = Path(ckpt)
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no .metadata file)")
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+            state = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if "state_dict" not in state:
+        raise ValueError(f"{path} holds no 'state_dict' (keys: {sorted(state)[:8]}): not a Lightning checkpoint")
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state["state_dict"].items()}
+
+
+def find_config(ckpt: str | Path) -> Path:
+    """The run's `.hydra/config.yaml`, looked for in the checkpoint's parent directories."""
+    for parent in Path(ckpt).resolve().parents:
+        candidate = parent / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no .hydra/config.yaml above {ckpt}; pass --config RUN_DIR/.hydra/config.yaml")
+
+
+def export_hf(cfg: DictConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Rebuild the run's model from `cfg`, load `state` (LightningModule keys), merge adapters, save as HF."""
+    from framework.adapters import apply_adapter, merged_copy
+    from framework.models.build import build_model
+    from framework.quant import apply_storage
+
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    model, tokenizer = build_model(cfg.model, cache)
+    model = apply_storage(apply_adapter(model, cfg.adapter, storage=cfg.storage), cfg.storage)
+    weights = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    if not weights:
+        raise ValueError(f"no '{PREFIX}*' keys in the checkpoint state (first keys: {sorted(state)[:5]})")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config's model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    out = Path(out_dir)
+    merged_copy(model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:
+    cfg_path = Path(config) if config else find_config(ckpt)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"config {str(cfg_path)!r} does not exist")
+    cfg: Any = OmegaConf.load(cfg_path)
+    return export_hf(cfg, load_full_state(ckpt), out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m framework.consolidate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a Lightning checkpoint file or sharded checkpoint directory")
+    ap.add_argument("out_dir", help="where to write the HF model directory")
+    ap.add_argument("--config", help="the run's .hydra/config.yaml (default: found above the checkpoint)")
+    args = ap.parse_args(argv)
+    out = consolidate(args.checkpoint, args.out_dir, args.config)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
