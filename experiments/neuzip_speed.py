@@ -1,19 +1,25 @@
 """NeuZip GPU speed: decompression / compression throughput (GB/s of dense bf16) from 1 MB to 1 GB, against a dense
-copy of the same tensor (the memory-bandwidth peer) in the same process, and forward+backward of a Llama-3-8B-shaped
-MLP block (4096 -> 14336 -> 4096, 4096 tokens) with dense vs NeuZip frozen weights. Writes a markdown table."""
+copy of the same tensor (the memory-bandwidth peer) in the same process; a sweep of the fused decode kernel's launch
+shape (lanes per program, warps) and symbols per lane at the sizes that matter (a Llama-3-8B MLP matrix is 112 MiB);
+and forward+backward of a Llama-3-8B-shaped MLP block (4096 -> 14336 -> 4096, 4096 tokens) with dense weights vs
+NeuZip with and without the side-stream prefetch. Results are written as they come (a time-out keeps what was done)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from framework.quant import neuzip_codec as codec
+from framework.quant import neuzip_prefetch as pf
 from framework.quant.neuzip import NeuZipTensor
+from kernels import ans_triton
 from kernels.ans import ans_decode
 
 
@@ -32,31 +38,71 @@ def timed(fn, reps: int = 5) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def throughput_rows(sizes_mb: list[int], spl_values: list[int]) -> list[str]:
-    rows = []
+def unfused(z: NeuZipTensor) -> torch.Tensor:
+    """The previous dequantize (rANS decode, then separate torch ops for the merge): the baseline being replaced."""
+    exps = ans_decode(z.enc, validate=False)
+    sm = codec.unpack_bits(z.packed, 1 + z.mantissa_bits, z.numel())
+    return codec.combine(exps, sm, z.mantissa_bits, z.dtype)
+
+
+def weight(mb: int) -> torch.Tensor:
+    n = mb * (1 << 20) // 2
+    cols = 4096 if n >= 4096 * 64 else 256
+    return (torch.randn(n // cols, cols, device="cuda") * 0.02).to(torch.bfloat16)
+
+
+def set_launch(block: int, warps: int) -> None:
+    ans_triton.DECODE_BLOCK, ans_triton.DECODE_WARPS = block, warps
+
+
+def sweep_rows(sizes_mb: list[int], spls: list[int], shapes: list[tuple[int, int]]) -> tuple[list[str], tuple]:
+    """Fused dequantize GB/s per (size, spl, block, warps); returns the rows and the best (spl, block, warps) at the
+    largest size <= 128 MB (the regime of real layer matrices)."""
+    rows, best = [], {}
     for mb in sizes_mb:
-        n = mb * (1 << 20) // 2
-        cols = 4096 if n >= 4096 * 64 else 256
-        w = (torch.randn(n // cols, cols, device="cuda") * 0.02).to(torch.bfloat16)
-        nbytes = w.numel() * 2
-        t_copy = timed(lambda w=w: w.clone())
-        for spl in spl_values:
-            t_comp = timed(lambda w=w, spl=spl: NeuZipTensor.from_dense(w, symbols_per_lane=spl), reps=2)
+        w = weight(mb)
+        for spl in spls:
             z = NeuZipTensor.from_dense(w, symbols_per_lane=spl)
             assert torch.equal(z.dequantize().view(torch.int16), w.view(torch.int16))
-            t_dec = timed(lambda z=z: z.dequantize())
-            t_ans = timed(lambda z=z: ans_decode(z.enc, validate=False))
             bits = 8 * z.compressed_nbytes / w.numel()
-            rows.append(f"| {mb} | {spl} | {bits:.3f} | {nbytes / t_dec / 1e9:.1f} | {nbytes / t_ans / 1e9:.1f} | "
-                        f"{nbytes / t_comp / 1e9:.2f} | {nbytes / t_copy / 1e9:.0f} | {t_dec / t_copy:.1f} |")
-            print(rows[-1], flush=True)
+            for block, warps in shapes:
+                set_launch(block, warps)
+                t = timed(z.dequantize)
+                gbs = w.numel() * 2 / t / 1e9
+                best.setdefault(mb, []).append((gbs, spl, block, warps))
+                rows.append(f"| {mb} | {spl} | {bits:.3f} | {block} | {warps} | {gbs:.1f} |")
+                print(rows[-1], flush=True)
             z = None
         w = None
+        torch.cuda.empty_cache()
+    key = max([m for m in best if m <= 128] or best)
+    _, spl, block, warps = max(best[key])
+    return rows, (spl, block, warps)
+
+
+def throughput_rows(sizes_mb: list[int], spl: int) -> list[str]:
+    rows = []
+    for mb in sizes_mb:
+        w = weight(mb)
+        nbytes = w.numel() * 2
+        t_copy = timed(lambda w=w: w.clone())
+        t_comp = timed(lambda w=w: NeuZipTensor.from_dense(w, symbols_per_lane=spl), reps=2)
+        z = NeuZipTensor.from_dense(w, symbols_per_lane=spl)
+        assert torch.equal(z.dequantize().view(torch.int16), w.view(torch.int16))
+        t_dec = timed(z.dequantize)
+        t_old = timed(lambda z=z: unfused(z))
+        t_ans = timed(lambda z=z: ans_decode(z.enc, validate=False))
+        bits = 8 * z.compressed_nbytes / w.numel()
+        rows.append(f"| {mb} | {spl} | {bits:.3f} | {nbytes / t_dec / 1e9:.1f} | {nbytes / t_old / 1e9:.1f} | "
+                    f"{nbytes / t_ans / 1e9:.1f} | {nbytes / t_comp / 1e9:.2f} | {nbytes / t_copy / 1e9:.0f} | "
+                    f"{t_dec / t_copy:.1f} |")
+        print(rows[-1], flush=True)
+        z = w = None
         torch.cuda.empty_cache()
     return rows
 
 
-def mlp_rows(tokens: int = 4096, d: int = 4096, h: int = 14336) -> list[str]:
+def mlp_rows(spl: int, tokens: int = 4096, d: int = 4096, h: int = 14336) -> list[str]:
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = {k: (torch.randn(*s, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
           for k, s in {"gate": (h, d), "up": (h, d), "down": (d, h)}.items()}
@@ -68,33 +114,61 @@ def mlp_rows(tokens: int = 4096, d: int = 4096, h: int = 14336) -> list[str]:
         x.grad = None
 
     t_dense = timed(lambda: step(ws["gate"], ws["up"], ws["down"]))
-    zs = {k: NeuZipTensor.from_dense(v) for k, v in ws.items()}
-    t_nz = timed(lambda: step(zs["gate"], zs["up"], zs["down"]))
-    return [f"| dense | {t_dense * 1e3:.2f} | 1.00 |", f"| NeuZip lossless | {t_nz * 1e3:.2f} | {t_nz / t_dense:.2f} |"]
+    zs = {k: NeuZipTensor.from_dense(v, symbols_per_lane=spl) for k, v in ws.items()}
+    t_dec = timed(lambda: [z.dequantize() for z in zs.values()])
+    rows = [f"| dense | {t_dense * 1e3:.2f} | 1.00 |",
+            f"| (3 fused dequantizes alone) | {t_dec * 1e3:.2f} | {t_dec / t_dense:.2f} |"]
+    for name, on in (("NeuZip lossless, no prefetch", False), ("NeuZip lossless, side-stream prefetch", True)):
+        pf.ENABLED = on
+        pf.PREFETCH.reset()
+        t = timed(lambda: step(zs["gate"], zs["up"], zs["down"]))
+        rows.append(f"| {name} | {t * 1e3:.2f} | {t / t_dense:.2f} |")
+        print(rows[-1], flush=True)
+    pf.ENABLED = True
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,8,128,512,1024")
-    ap.add_argument("--spl", default="512,2048")
+    ap.add_argument("--sweep-sizes", default="128,1024")
+    ap.add_argument("--spl", default="512,1024,2048", help="symbols per lane tried in the sweep")
+    ap.add_argument("--shapes", default="64x2,128x4,256x4,512x4,256x8", help="lanes-per-program x warps")
     ap.add_argument("--out", default="experiments/results/neuzip_speed.md")
     a = ap.parse_args()
-    head = [f"# neuzip_speed\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+    outs = [Path(a.out)] + ([Path(os.environ["OUT"], "neuzip_speed.md")] if os.environ.get("OUT") else [])
+    t0 = time.time()
+    text = [f"# neuzip_speed\n\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
             f"{triton.__version__}; python {platform.python_version()}\n",
-            "GB/s = dense bf16 bytes / time (CUDA events, median). spl = symbols per rANS lane. dequantize = rANS "
-            "decode + sign/mantissa merge (unfused torch ops); 'copy' = dense clone of the same tensor (peer: memory "
-            "bandwidth). x copy = dequantize time / copy time.\n",
-            "| MB | spl | bits/weight | dequantize GB/s | rANS-only GB/s | compress GB/s | copy GB/s | x copy |",
-            "|---|---|---|---|---|---|---|---|"]
-    rows = throughput_rows([int(s) for s in a.sizes.split(",")], [int(s) for s in a.spl.split(",")])
-    mlp = ["", "Llama-3-8B MLP block (4096x14336), 4096 tokens, forward+backward (input grad), bf16:", "",
-           "| weights | ms | x dense |", "|---|---|---|", *mlp_rows()]
-    text = "\n".join(head + rows + mlp) + "\n"
-    print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "neuzip_speed.md").write_text(text)
+            "GB/s = dense bf16 bytes / time (CUDA events, median of 5 after a warm-up). Weights: N(0, 0.02) in bf16 "
+            "(random, not trained: real exponent statistics differ a little). spl = symbols per rANS lane.\n",
+            "## Fused decode kernel: launch-shape sweep\n", "| MB | spl | bits/weight | lanes/program | warps | "
+            "dequantize GB/s |", "|---|---|---|---|---|---|"]
+
+    def flush(extra: list[str]) -> None:
+        body = "\n".join(text + extra) + f"\n\n(total benchmark time {time.time() - t0:.0f} s)\n"
+        for p in outs:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(body)
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    rows, (spl, block, warps) = sweep_rows([int(s) for s in a.sweep_sizes.split(",")],
+                                           [int(s) for s in a.spl.split(",")], shapes)
+    text += rows + [f"\nbest at <= 128 MB: spl={spl}, {block} lanes/program, {warps} warps (used below)\n"]
+    flush([])
+    set_launch(block, warps)
+    text += ["## Throughput\n", "dequantize = the fused kernel (rANS lanes + sign/mantissa merge, one launch); "
+             "unfused = the previous path (rANS kernel, then torch ops for the merge); rANS-only = symbol decode "
+             "alone; copy = dense clone (memory-bandwidth peer); x copy = dequantize time / copy time.\n",
+             "| MB | spl | bits/weight | dequantize GB/s | unfused GB/s | rANS-only GB/s | compress GB/s | copy GB/s "
+             "| x copy |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in throughput_rows([int(s) for s in a.sizes.split(",")], spl):
+        text.append(r)
+        flush([])
+    text += ["", "## Llama-3-8B MLP block (4096x14336), 4096 tokens, forward+backward (input grad), bf16\n",
+             "| weights | ms | x dense |", "|---|---|---|", *mlp_rows(spl)]
+    flush([])
+    print("\n".join(text), flush=True)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.before and can_test and not resuming:
         results["before"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    results["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))  # test() clears it
     if any(getattr(c, "stopped", False) for c in callbacks):  # preempted: the requeued job resumes and finishes
         log.warning("training stopped for a SLURM signal at step %d; exiting for the requeue", trainer.global_step)
         results["requeued"] = True
@@ -108,7 +109,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["after"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     monitor = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
     results["perf"] = dict(monitor.summary) if monitor else {}
-    results["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
     results["seconds"] = time.perf_counter() - t_start
     sharded = getattr(trainer.strategy, "shard", None) is not None
     if sharded:  # FSDP2: trainable (adapter) tensors gathered to full tensors, written by rank 0

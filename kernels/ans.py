@@ -15,6 +15,9 @@ API:
     quantize_frequencies(counts, prob_bits=12) -> int32 (alphabet,), sums to 2**prob_bits, >= 1 where counts > 0
     ans_encode(symbols uint8 1-D CPU|CUDA, freqs=None, *, lanes=None, prob_bits=12) -> ANSEncoded (on symbols' device)
     ans_decode(enc, device=None) -> uint8 (n,) on `device` (default: where enc's tensors live)
+    enc.decode_table() -> the Triton decoder's slot table on enc's device, built once and cached in `enc.table`
+    (ans_encode on CUDA builds it at compression time; kernels/ans_triton.launch_decode also fuses NeuZip's
+    sign/mantissa merge into the same launch)
     ANSEncoded.to_bytes() / ANSEncoded.from_bytes(buf) (ValueError naming the problem); .nbytes == len(to_bytes())
 Refinements of the brief: `words` is int16 holding uint16 bit patterns (torch's uint16 lacks most ops);
 `final_states` is int64 holding uint32 values; `default_lanes(n)` picks ~2048 symbols per lane (per-lane cost is
@@ -32,7 +35,7 @@ import heapq
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -103,6 +106,16 @@ class ANSEncoded:
     n: int
     lanes: int
     prob_bits: int
+    # decode table (ans_triton.slot_table) cached on the words' device: built once, never per decode
+    table: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def decode_table(self) -> torch.Tensor:
+        """The device-resident slot table for the Triton decoder (built on first use, no host sync)."""
+        if self.table is None or self.table.device != self.words.device:
+            from kernels.ans_triton import slot_table
+
+            self.table = slot_table(self.freqs, self.prob_bits, self.words.device)
+        return self.table
 
     def _word_counts(self) -> torch.Tensor:
         return (self.lane_offsets[1:] - self.lane_offsets[:-1]).cpu()
@@ -119,8 +132,9 @@ class ANSEncoded:
         return _HEADER.size + -(-a // 8) + 2 * used + per_lane * self.lanes + 2 * self.words.numel()
 
     def to(self, device: torch.device | str) -> ANSEncoded:
+        tab = None if self.table is None else self.table.to(device)
         return ANSEncoded(self.words.to(device), self.lane_offsets.to(device), self.final_states.to(device),
-                          self.freqs.to(device), self.n, self.lanes, self.prob_bits)
+                          self.freqs.to(device), self.n, self.lanes, self.prob_bits, tab)
 
     def to_bytes(self) -> bytes:
         f = self.freqs.cpu().to(torch.int64).numpy()
@@ -234,7 +248,9 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
         from kernels import ans_triton
 
         words, offsets, states = ans_triton.encode(symbols, lanes, f, cum, prob_bits)
-        return ANSEncoded(words, offsets, states, freqs.to(symbols.device), n, lanes, prob_bits)
+        enc = ANSEncoded(words, offsets, states, freqs.to(symbols.device), n, lanes, prob_bits)
+        enc.decode_table()  # built once here, at compression time
+        return enc
     backend = _cpu_backend()
     words, offsets, states = backend.encode(symbols, lanes, f, cum, prob_bits)
     return ANSEncoded(words, offsets, states, freqs, n, lanes, prob_bits)
@@ -243,25 +259,35 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
 def ans_decode(enc: ANSEncoded, device: torch.device | str | None = None, *, validate: bool = True) -> torch.Tensor:
     """Decode to uint8 (n,) on `device` (default: enc.words.device); ValueError on an inconsistent stream.
 
-    `validate=False` skips the end-state check on CUDA (it needs a host sync); the CPU path always checks.
+    `validate=False` skips, on CUDA, the end-state check and the header consistency checks (each needs a host sync),
+    and the decode table comes from enc's cache: one kernel launch, no sync. The CPU path always checks.
     """
     device = torch.device(device) if device is not None else enc.words.device
     if enc.lane_offsets.numel() != enc.lanes + 1 or enc.final_states.numel() != enc.lanes:
         raise ValueError(f"ANSEncoded has {enc.lane_offsets.numel()} offsets / {enc.final_states.numel()} states for "
                          f"{enc.lanes} lanes")
-    if int(enc.lane_offsets[-1]) != enc.words.numel() or enc.words.dtype != torch.int16:
-        raise ValueError("ANSEncoded words do not match lane_offsets (or are not int16)")
-    freqs = _check_freqs(enc.freqs, enc.prob_bits)
-    f, cum, slot_sym = _tables(freqs, enc.prob_bits)
+    if enc.words.dtype != torch.int16:
+        raise ValueError(f"ANSEncoded words must be int16, got {enc.words.dtype}")
     if _use_triton(device):
         from kernels import ans_triton
 
-        e = enc.to(device)
-        return ans_triton.decode(e.words, e.lane_offsets, e.final_states, enc.n, enc.lanes, slot_sym, f, cum,
-                                 enc.prob_bits, validate=validate)
+        e = enc if enc.words.device == device else enc.to(device)
+        if validate:
+            _check_consistent(e)
+        return ans_triton.decode(e.words, e.lane_offsets, e.final_states, enc.n, enc.lanes, None, e.freqs, None,
+                                 enc.prob_bits, validate=validate, table=e.decode_table())
+    _check_consistent(enc)
+    freqs = _check_freqs(enc.freqs, enc.prob_bits)
+    f, cum, slot_sym = _tables(freqs, enc.prob_bits)
     e = enc.to("cpu")
     return _cpu_backend().decode(e.words.contiguous(), e.lane_offsets.contiguous(), e.final_states, enc.n, enc.lanes,
                                  slot_sym, f, cum, enc.prob_bits).to(device)
+
+
+def _check_consistent(enc: ANSEncoded) -> None:
+    if int(enc.lane_offsets[-1]) != enc.words.numel():
+        raise ValueError("ANSEncoded words do not match lane_offsets")
+    _check_freqs(enc.freqs, enc.prob_bits)
 
 
 def _cpu_backend():

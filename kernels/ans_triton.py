@@ -1,10 +1,12 @@
 """Triton path of the rANS coder (kernels/ans.py): one lane per GPU thread, same state machine and byte layout.
 
-Decode walks the steps of its lanes in lock-step: at step t the lanes of a program write consecutive output bytes
-(coalesced); each lane reads its own word stream, at most one 16-bit word per symbol. A single 64-bit table entry per
-probability slot holds (symbol, slot - cum, freq), so a step costs one table gather. Encode mirrors it backwards,
-writing each lane's words from the end of a private scratch region that is compacted afterwards. No host sync in
-decode unless `validate` asks for the end-state check.
+Decode walks the steps of its lanes in lock-step: at step t the lanes of a program write consecutive outputs
+(coalesced); each lane reads its own word stream, at most one 16-bit word per symbol, never past its own end. A single
+64-bit table entry per probability slot holds (symbol, slot - cum, freq), so a step costs one table gather; the table
+is built on the device (`slot_table`, no host sync) and cached by the caller. The same kernel, with MERGE on, also
+rebuilds NeuZip floats (exponent symbol + packed sign/mantissa) in the same pass, so dequantize is one launch. Encode
+mirrors decode backwards, writing each lane's words from the end of a private scratch region that is compacted
+afterwards. No host sync in decode unless `validate` asks for the end-state check.
 """
 
 from __future__ import annotations
@@ -17,27 +19,51 @@ ANS_L = 1 << 16
 
 
 @triton.jit
-def _decode_kernel(words_ptr, offs_ptr, states_ptr, tab_ptr, out_ptr, end_x_ptr, end_p_ptr, n, lanes, steps,
-                   PROB_BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_kernel(words_ptr, offs_ptr, states_ptr, tab_ptr, packed_ptr, out_ptr, end_x_ptr, end_p_ptr, n, lanes, steps,
+                   PROB_BITS: tl.constexpr, MERGE: tl.constexpr, K: tl.constexpr, MAN_BITS: tl.constexpr,
+                   SIGN_SHIFT: tl.constexpr, WIDE: tl.constexpr, PLANES: tl.constexpr, REST: tl.constexpr, VALIDATE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Decode the lanes of one program; with MERGE, also rebuild each float from its exponent symbol and its
+    sign+mantissa field (PLANES whole byte planes, then REST bits packed 8 values per REST bytes: see
+    framework/quant/neuzip_codec.pack_bits) and store the float's bit pattern (int16, or int32 when WIDE)."""
     lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     lm = lane < lanes
     x = tl.load(states_ptr + lane, mask=lm, other=65536).to(tl.uint32)
     p = tl.load(offs_ptr + lane, mask=lm, other=0)
+    p_end = tl.load(offs_ptr + lane + 1, mask=lm, other=0)
     idx = lane
     for _ in range(steps):
         active = lm & (idx < n)
         e = tl.load(tab_ptr + (x & ((1 << PROB_BITS) - 1)))
-        s = (e & 0xFF).to(tl.uint8)
+        s = (e & 0xFF).to(tl.uint32)
         xn = (e >> 24).to(tl.uint32) * (x >> PROB_BITS) + ((e >> 8) & 0xFFFF).to(tl.uint32)
         need = active & (xn < 65536)
-        w = (tl.load(words_ptr + p, mask=need, other=0).to(tl.int32) & 0xFFFF).to(tl.uint32)
+        # bounded by the lane's own words: a corrupt stream can never read outside `words` (no pad word needed)
+        w = (tl.load(words_ptr + p, mask=need & (p < p_end), other=0).to(tl.int32) & 0xFFFF).to(tl.uint32)
         xn = tl.where(need, (xn << 16) | w, xn)
         x = tl.where(active, xn, x)
         p += need.to(tl.int64)
-        tl.store(out_ptr + idx, s, mask=active)
+        if MERGE:
+            sm = tl.zeros((BLOCK,), tl.uint32)
+            for b in tl.static_range(PLANES):
+                sm |= tl.load(packed_ptr + b * n + idx, mask=active, other=0).to(tl.uint32) << (8 * b)
+            if REST > 0:
+                bit = (idx % 8) * REST
+                at = packed_ptr + PLANES * n + (idx // 8) * REST + bit // 8
+                lo = tl.load(at, mask=active, other=0).to(tl.uint32)
+                hi = tl.load(at + 1, mask=active & (bit // 8 + 1 < REST), other=0).to(tl.uint32)
+                sm |= (((lo | (hi << 8)) >> (bit % 8).to(tl.uint32)) & ((1 << REST) - 1)) << (8 * PLANES)
+            bits = ((sm >> K) << SIGN_SHIFT) | (s << MAN_BITS) | ((sm & ((1 << K) - 1)) << (MAN_BITS - K))
+            if WIDE:
+                tl.store(out_ptr + idx, bits.to(tl.int32, bitcast=True), mask=active)
+            else:
+                tl.store(out_ptr + idx, bits.to(tl.int32).to(tl.int16), mask=active)
+        else:
+            tl.store(out_ptr + idx, s.to(tl.uint8), mask=active)
         idx += lanes
-    tl.store(end_x_ptr + lane, x.to(tl.int64), mask=lm)
-    tl.store(end_p_ptr + lane, p, mask=lm)
+    if VALIDATE:
+        tl.store(end_x_ptr + lane, x.to(tl.int64), mask=lm)
+        tl.store(end_p_ptr + lane, p, mask=lm)
 
 
 @triton.jit
@@ -70,31 +96,73 @@ def _encode_kernel(sym_ptr, freq_ptr, cum_ptr, scratch_ptr, nwords_ptr, states_p
     tl.store(nwords_ptr + lane, steps - p, mask=lm)
 
 
-def _slot_table(slot_sym: torch.Tensor, freqs: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
-    """int64 per slot: symbol | (slot - cum) << 8 | freq << 24."""
-    s = slot_sym.to(torch.int64)
-    slots = torch.arange(s.numel(), dtype=torch.int64)
-    return s | ((slots - cum[s]) << 8) | (freqs[s] << 24)
+def slot_table(freqs: torch.Tensor, prob_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """int64 per probability slot: symbol | (slot - cum) << 8 | freq << 24, built on `device` with no host sync.
+
+    `freqs` must already be valid (sums to 2**prob_bits): repeat_interleave is given that size instead of reading it.
+    """
+    f = freqs.to(device if device is not None else freqs.device, torch.int64)
+    m = 1 << prob_bits
+    sym = torch.repeat_interleave(torch.arange(f.numel(), device=f.device), f, output_size=m)
+    cum = torch.cumsum(f, 0) - f
+    return sym | ((torch.arange(m, device=f.device) - cum[sym]) << 8) | (f[sym] << 24)
+
+
+# launch shape of the decode kernel: lanes per program and warps; BLOCK > 32 * num_warps gives each thread several
+# independent lanes (latency hiding by ILP). experiments/neuzip_speed.py sweeps these on the GPU.
+DECODE_BLOCK = 128
+DECODE_WARPS = 4
+
+
+def launch_decode(words: torch.Tensor, offsets: torch.Tensor, states: torch.Tensor, table: torch.Tensor, n: int,
+                  lanes: int, prob_bits: int, out: torch.Tensor, *, packed: torch.Tensor | None = None,
+                  mantissa_bits: int = 0, man_bits: int = 0, total_bits: int = 16, validate: bool = False,
+                  block: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One launch, no host sync: decode into `out` (uint8 symbols, or with `packed` the merged floats' bit patterns as
+    int16 / int32). Returns (end states, end positions) when `validate`, for the caller to check."""
+    block = block or DECODE_BLOCK
+    num_warps = num_warps or DECODE_WARPS
+    dev = words.device
+    merge = packed is not None
+    width = 1 + mantissa_bits
+    if validate:
+        end_x = torch.empty(lanes, dtype=torch.int64, device=dev)
+        end_p = torch.empty(lanes, dtype=torch.int64, device=dev)
+    else:
+        end_x = end_p = offsets  # never written (VALIDATE is off)
+    if words.numel() == 0:
+        words = offsets  # any valid pointer: every word load is masked off
+    steps = -(-n // lanes) if n else 0
+    _decode_kernel[(triton.cdiv(lanes, block),)](
+        words, offsets, states, table, packed if merge else out, out, end_x, end_p, n, lanes, steps,
+        PROB_BITS=prob_bits, MERGE=merge, K=mantissa_bits, MAN_BITS=man_bits, SIGN_SHIFT=total_bits - 1,
+        WIDE=total_bits == 32, PLANES=width // 8, REST=width % 8, VALIDATE=validate, BLOCK=block,
+        num_warps=num_warps)
+    return (end_x, end_p) if validate else None
+
+
+def check_ends(ends: tuple[torch.Tensor, torch.Tensor], offsets: torch.Tensor) -> None:
+    """ValueError naming the first lane that did not end at ANS_L having consumed exactly its words (one sync)."""
+    end_x, end_p = ends
+    bad = (end_x != ANS_L) | (end_p != offsets[1:])
+    if bool(bad.any()):
+        raise ValueError(f"corrupt rANS stream: lane {int(torch.nonzero(bad)[0])} does not decode to its start state")
 
 
 def decode(words: torch.Tensor, offsets: torch.Tensor, states: torch.Tensor, n: int, lanes: int,
-           slot_sym: torch.Tensor, freqs: torch.Tensor, cum: torch.Tensor, prob_bits: int, *,
-           validate: bool = True, block: int = 128, num_warps: int = 4) -> torch.Tensor:
-    """uint8 (n,) on words' device; with `validate`, ValueError naming the first inconsistent lane (one sync)."""
-    dev = words.device
-    tab = _slot_table(slot_sym, freqs, cum).to(dev)
-    out = torch.empty(n, dtype=torch.uint8, device=dev)
-    end_x = torch.empty(lanes, dtype=torch.int64, device=dev)
-    end_p = torch.empty(lanes, dtype=torch.int64, device=dev)
-    w = torch.cat([words, words.new_zeros(1)])  # a masked-off load may still form the address one past the end
-    steps = -(-n // lanes)
-    _decode_kernel[(triton.cdiv(lanes, block),)](w, offsets, states, tab, out, end_x, end_p, n, lanes, steps,
-                                                 PROB_BITS=prob_bits, BLOCK=block, num_warps=num_warps)
-    if validate:
-        bad = (end_x != ANS_L) | (end_p != offsets[1:])
-        if bool(bad.any()):
-            raise ValueError(f"corrupt rANS stream: lane {int(torch.nonzero(bad)[0])} does not decode to its start "
-                             "state")
+           slot_sym: torch.Tensor | None, freqs: torch.Tensor, cum: torch.Tensor | None, prob_bits: int, *,
+           validate: bool = True, table: torch.Tensor | None = None, block: int | None = None,
+           num_warps: int | None = None) -> torch.Tensor:
+    """uint8 (n,) on words' device; with `validate`, ValueError naming the first inconsistent lane (one sync).
+
+    `table` (slot_table on words' device) is rebuilt from `freqs` when not given; slot_sym and cum are unused (kept
+    for the signature shared with the CPU paths)."""
+    tab = table if table is not None else slot_table(freqs, prob_bits, words.device)
+    out = torch.empty(n, dtype=torch.uint8, device=words.device)
+    ends = launch_decode(words, offsets, states, tab, n, lanes, prob_bits, out, validate=validate, block=block,
+                         num_warps=num_warps)
+    if ends is not None:
+        check_ends(ends, offsets)
     return out
 
 

@@ -1,23 +1,26 @@
 """NeuZipTensor: a frozen weight kept entropy-coded (exponents through kernels.ans, sign+mantissa packed raw).
 
 Behaves as a tensor of the original shape and dtype: `F.linear` decodes the weight just in time in forward and again
-in backward (only the compressed form is saved for autograd, so one layer's dense weight is alive at a time); any
-other op decodes and runs densely. `torch.save`/state_dict carry the compressed bytes; `copy_` from another
-NeuZipTensor (load_state_dict) adopts its compressed form. FSDP2: `fsdp_pre_all_gather` sends this shard's bytes
-padded to `fsdp_pad_to` (the largest shard, fixed once weights are compressed) and `fsdp_post_all_gather` decodes the
-gathered shards into the dense weight (see `shard_rows` for how shards are made).
+in backward (only the compressed form is saved for autograd; on CUDA the next layer's weight is decoded on a side
+stream while this one computes, see neuzip_prefetch); any other op decodes and runs densely. On CUDA `dequantize` is
+one fused Triton launch (rANS lanes + sign/mantissa merge, decode table cached on the device, no host sync).
+The compressed form lives in a shared `_Store`, so views (view/detach/as_strided, as FSDP2 makes) see a `copy_` into
+any of them. `torch.save`/state_dict carry the compressed bytes; `copy_` from another NeuZipTensor (load_state_dict)
+adopts its compressed form. FSDP2 (neuzip_ops): a dim-0 split re-compresses each rank's rows (all ranks compute the
+same bytes, so every shard knows the largest word count, `fsdp_pad_to`); the all-gather moves the compressed tensors
+padded to that size, and `fsdp_post_all_gather` decodes every rank's part on the device into the dense weight.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from framework.quant import neuzip_codec as codec
 from kernels.ans import ANSEncoded, ans_decode, ans_encode
@@ -31,25 +34,54 @@ _HEAD = struct.Struct("<4sBBBBIQQQI")
 SYMBOLS_PER_LANE = 2048
 
 
-class NeuZipTensor(torch.Tensor):
-    """Compressed frozen weight; see the module docstring."""
+@dataclass(eq=False)
+class _Store:
+    """The compressed form, shared by a NeuZipTensor and its views; `version` changes whenever it is replaced."""
 
     enc: ANSEncoded
     packed: torch.Tensor
     scales: torch.Tensor | None
     mantissa_bits: int
     block: int | None
-    fsdp_pad_to: int | None
+    fsdp_pad_to: int | None = None  # words every rank's all-gather input is padded to (set by a dim-0 split)
+    spl: int = SYMBOLS_PER_LANE  # symbols per rANS lane used when (re)compressing
+    version: int = 0
+
+    def moved(self, device: torch.device | str) -> _Store:
+        sc = None if self.scales is None else self.scales.to(device)
+        enc = self.enc if self.packed.device == torch.device(device) else self.enc.to(device)
+        return _Store(enc, self.packed.to(device), sc, self.mantissa_bits, self.block, self.fsdp_pad_to, self.spl)
+
+
+def _store_prop(name: str) -> property:
+    return property(lambda self: getattr(self._s, name), lambda self, v: setattr(self._s, name, v))
+
+
+class NeuZipTensor(torch.Tensor):
+    """Compressed frozen weight; see the module docstring."""
+
+    _s: _Store
+    enc = _store_prop("enc")
+    packed = _store_prop("packed")
+    scales = _store_prop("scales")
+    mantissa_bits = _store_prop("mantissa_bits")
+    block = _store_prop("block")
+    fsdp_pad_to = _store_prop("fsdp_pad_to")
 
     @staticmethod
-    def __new__(cls, enc, packed, scales, shape, dtype, mantissa_bits, block):
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device, requires_grad=False)
+    def __new__(cls, enc, packed, scales, shape, dtype, mantissa_bits, block, store=None):
+        shape = torch.Size(shape)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=_contiguous_strides(shape), dtype=dtype,
+                                                   device=packed.device, requires_grad=False)
 
     def __init__(self, enc: ANSEncoded, packed: torch.Tensor, scales: torch.Tensor | None, shape: torch.Size,
-                 dtype: torch.dtype, mantissa_bits: int, block: int | None):
-        self.enc, self.packed, self.scales = enc, packed, scales
-        self.mantissa_bits, self.block = mantissa_bits, block
-        self.fsdp_pad_to = None
+                 dtype: torch.dtype, mantissa_bits: int, block: int | None, store: _Store | None = None):
+        self._s = store if store is not None else _Store(enc, packed, scales, mantissa_bits, block)
+
+    @classmethod
+    def _wrap(cls, store: _Store, shape: torch.Size, dtype: torch.dtype) -> NeuZipTensor:
+        """A tensor of `shape` over `store` (shared, not copied)."""
+        return cls(store.enc, store.packed, store.scales, shape, dtype, store.mantissa_bits, store.block, store)
 
     # ---- construction / decoding -------------------------------------------------------------------------------
     @classmethod
@@ -61,16 +93,19 @@ class NeuZipTensor(torch.Tensor):
         k = codec.check_mantissa_bits(w.dtype, mantissa_bits)
         exps, signman, scales = codec.split(w, k, block)
         lanes = max(1, -(-exps.numel() // symbols_per_lane))
-        enc = ans_encode(exps, lanes=lanes)
+        enc = ans_encode(exps, lanes=lanes)  # on CUDA this also builds the device decode table, once
         packed = codec.pack_bits(signman, 1 + k)
-        return cls(enc, packed, scales, w.shape, w.dtype, k, block)
+        z = cls(enc, packed, scales, w.shape, w.dtype, k, block)
+        z._s.spl = symbols_per_lane
+        return z
 
-    def dequantize(self) -> torch.Tensor:
-        """Decode into a fresh dense tensor on this tensor's device."""
-        dev = self.packed.device
-        exps = ans_decode(self.enc, dev, validate=False)
-        signman = codec.unpack_bits(self.packed, 1 + self.mantissa_bits, self.numel())
-        return codec.combine(exps, signman, self.mantissa_bits, self.dtype, self.scales, self.block).view(self.shape)
+    def dequantize(self, *, use_triton: bool | None = None) -> torch.Tensor:
+        """Decode into a fresh dense tensor on this tensor's device (CUDA: one fused launch, no host sync).
+
+        `use_triton=True` forces the Triton kernel on CPU tensors (only meaningful under TRITON_INTERPRET=1, for tests).
+        """
+        flat = decode_store(self._s, self.dtype, self.numel(), use_triton=use_triton)
+        return flat.view(self.shape)
 
     @property
     def compressed_nbytes(self) -> int:
@@ -120,8 +155,9 @@ class NeuZipTensor(torch.Tensor):
             expect = -(-n // block)
             if nsc != expect:
                 raise ValueError(f"NeuZip has {nsc} block scales, expected {expect}")
-            scales = torch.frombuffer(bytearray(buf[pos + na + npk:]), dtype=torch.float32).to(device)
-        return cls(enc.to(device), packed.to(device), scales, shape, dtype, k, block or None)
+            scales = torch.frombuffer(bytearray(buf[pos + na + npk:]), dtype=torch.float32)
+        z = cls(enc, packed, scales, shape, dtype, k, block or None)
+        return z if torch.device(device).type == "cpu" else z._to(device)
 
     def __reduce_ex__(self, proto):
         # a uint8 tensor, not bytes: torch.save stores tensors as raw storages (protocol-2 bytes would be re-encoded)
@@ -131,113 +167,132 @@ class NeuZipTensor(torch.Tensor):
         return (f"NeuZipTensor(shape={tuple(self.shape)}, dtype={self.dtype}, mantissa_bits={self.mantissa_bits}, "
                 f"bits/weight={8 * self.compressed_nbytes / max(1, self.numel()):.3f})")
 
-    def _to(self, device: torch.device) -> NeuZipTensor:
-        sc = None if self.scales is None else self.scales.to(device)
-        out = NeuZipTensor(self.enc.to(device), self.packed.to(device), sc, self.shape, self.dtype,
-                           self.mantissa_bits, self.block)
-        out.fsdp_pad_to = self.fsdp_pad_to
-        return out
+    def _to(self, device: torch.device | str) -> NeuZipTensor:
+        return NeuZipTensor._wrap(self._s.moved(device), self.shape, self.dtype)
 
     # ---- FSDP2 all-gather extension ------------------------------------------------------------------------------
-    def fsdp_pre_all_gather(self, mesh: Any = None, *args: Any, **kwargs: Any):
-        """Send this shard's serialised bytes, zero-padded to the common size `fsdp_pad_to`."""
-        raw = torch.frombuffer(bytearray(self.to_bytes()), dtype=torch.uint8)
-        pad_to = self.fsdp_pad_to or raw.numel()
-        if raw.numel() > pad_to:
-            raise ValueError(f"NeuZip shard of {raw.numel()} bytes exceeds fsdp_pad_to={pad_to}")
-        head = torch.tensor([raw.numel()], dtype=torch.int64).view(torch.uint8)
-        buf = torch.cat([head, raw, raw.new_zeros(pad_to - raw.numel())]).to(self.packed.device)
-        return (buf,), pad_to + 8
+    def fsdp_pre_all_gather(self, mesh: Any, outer_size: Any = None, outer_stride: Any = None, module: Any = None,
+                            mp_policy: Any = None) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+        """All-gather this shard's compressed tensors (never a dense copy); words are zero-padded to `fsdp_pad_to`,
+        the frequency table to 256 entries, so every rank sends equal sizes."""
+        s, e = self._s, self._s.enc
+        if outer_size is not None and mesh is not None and e.n * mesh.size() != torch.Size(outer_size).numel():
+            raise NotImplementedError(f"NeuZipTensor under FSDP2 needs dim 0 ({tuple(outer_size)}) divisible by the "
+                                      f"world size {mesh.size()}: uneven shards would be padded by re-encoding")
+        pad = s.fsdp_pad_to if s.fsdp_pad_to is not None else e.words.numel()
+        if e.words.numel() > pad:
+            raise ValueError(f"NeuZip shard has {e.words.numel()} words, more than fsdp_pad_to={pad}")
+        words = torch.cat([e.words, e.words.new_zeros(pad - e.words.numel())])
+        freqs = torch.cat([e.freqs.to(torch.int32), e.freqs.new_zeros(256 - e.freqs.numel(), dtype=torch.int32)])
+        dev = s.packed.device
+        inputs = [words, e.lane_offsets, e.final_states, freqs.to(dev), s.packed]
+        if s.scales is not None:
+            inputs.append(s.scales)
+        meta = (e.n, e.lanes, e.prob_bits, s.mantissa_bits, s.block, pad)
+        return tuple(t.to(dev) for t in inputs), meta
 
-    def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: Any,
-                             param_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None):
-        """Decode every rank's shard (rows split along dim 0) and concatenate them into the dense weight."""
-        (gathered,) = all_gather_outputs
-        dense = gather_dense(gathered, metadata, self.packed.device)
-        if param_dtype is not None:
+    def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: tuple[Any, ...],
+                             param_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> Any:
+        """Decode every rank's compressed part (rows split along dim 0) straight into the dense weight."""
+        if out is not None:  # refill the unsharded weight in place, invisible to autograd (as FSDP2's own copy-out)
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
+                dense = gather_dense(all_gather_outputs, metadata, self.dtype, out)
+                if dense is not out:
+                    out.copy_(dense)
+            return None
+        dense = gather_dense(all_gather_outputs, metadata, self.dtype)
+        if param_dtype is not None and param_dtype != self.dtype:
             dense = dense.to(param_dtype)
-        if out is not None:
-            out.copy_(dense)
-            return
-        return dense, (gathered,)
+        return dense, (dense,)  # FSDP frees this storage after use (reshard) and refills it through `out`
 
     # ---- torch integration ---------------------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and len(args) >= 2 and isinstance(args[1], NeuZipTensor):
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return _NeuZipLinear.apply(args[0], args[1], bias)
+            from framework.quant.neuzip_prefetch import neuzip_linear
+
+            return neuzip_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name in ("detach", "alias", "clone") and isinstance(args[0], NeuZipTensor):
-            return args[0]._to(args[0].packed.device)
-        if name == "_to_copy" and isinstance(args[0], NeuZipTensor) and set(kwargs) <= {"device", "non_blocking"}:
-            return args[0]._to(kwargs.get("device") or args[0].packed.device)
-        if name == "copy_" and isinstance(args[0], NeuZipTensor):
-            dst, src = args[0], args[1]
-            if not isinstance(src, NeuZipTensor):
-                src = NeuZipTensor.from_dense(src.to(dst.dtype), dst.mantissa_bits, block=dst.block)
-            if src.shape != dst.shape:
-                raise ValueError(f"copy_ into NeuZipTensor of shape {tuple(dst.shape)} from {tuple(src.shape)}")
-            moved = src._to(dst.packed.device)
-            dst.enc, dst.packed, dst.scales = moved.enc, moved.packed, moved.scales
-            dst.mantissa_bits, dst.block = moved.mantissa_bits, moved.block
-            return dst
-        if func in (torch.ops.aten.is_same_size.default,):
-            return args[0].shape == args[1].shape
-        dense = tree_map(lambda t: t.dequantize() if isinstance(t, NeuZipTensor) else t, (args, kwargs))
-        return func(*dense[0], **dense[1])
+        from framework.quant.neuzip_ops import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(1, d)
+    return tuple(reversed(strides))
 
 
 def _rebuild(buf: torch.Tensor, device: str) -> NeuZipTensor:
     return NeuZipTensor.from_bytes(buf.numpy().tobytes(), device)
 
 
-class _NeuZipLinear(torch.autograd.Function):
-    """y = x W^T + b with W decoded in forward and again in backward; gradients flow to x and b only."""
+def decode_store(s: _Store, dtype: torch.dtype, n: int, *, out: torch.Tensor | None = None,
+                 use_triton: bool | None = None) -> torch.Tensor:
+    """Flat dense (n,) of `dtype` from a compressed store, written into `out` (contiguous, n elements) if given.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None):
-        ctx.w = w
-        ctx.has_bias = bias is not None
-        with torch._C.DisableTorchFunctionSubclass():
-            return F.linear(x, w.dequantize().to(x.dtype), bias)
+    CUDA (or use_triton=True): one fused decode+merge launch using the cached device table, no host sync, no copies;
+    block scales (lossy block normalisation only) are applied after it. CPU: C++ rANS decode, then torch merge."""
+    fmt = codec.float_format(dtype)
+    dev = s.packed.device
+    if use_triton if use_triton is not None else dev.type == "cuda":
+        from kernels.ans_triton import launch_decode
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gx = grad @ ctx.w.dequantize().to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, None, gb
+        e = s.enc
+        bits = out.view(-1).view(fmt.int_dtype) if out is not None else torch.empty(n, dtype=fmt.int_dtype, device=dev)
+        launch_decode(e.words, e.lane_offsets, e.final_states, e.decode_table(), n, e.lanes, e.prob_bits, bits,
+                      packed=s.packed, mantissa_bits=s.mantissa_bits, man_bits=fmt.man_bits, total_bits=fmt.bits)
+        res = bits.view(dtype)
+    else:
+        exps = ans_decode(s.enc, dev, validate=False)
+        signman = codec.unpack_bits(s.packed, 1 + s.mantissa_bits, n)
+        res = codec.combine(exps, signman, s.mantissa_bits, dtype)
+        if out is not None:
+            out.view(-1).copy_(res)
+            res = out.view(-1)
+    if s.scales is not None:
+        scaled = codec.combine_scales(res, s.scales, s.block)
+        if out is None:
+            return scaled
+        res.copy_(scaled)
+    return res
 
 
-def gather_dense(gathered: torch.Tensor, stride: int, device: torch.device | str) -> torch.Tensor:
-    """Decode equal-size per-rank buffers ([u64 size][NeuZip bytes][zero pad], `stride` bytes each) and concatenate."""
-    raw = gathered.cpu().contiguous()
-    if raw.numel() % stride:
-        raise ValueError(f"gathered NeuZip buffer of {raw.numel()} bytes is not a multiple of the shard size {stride}")
-    parts = []
-    for r in range(raw.numel() // stride):
-        chunk = raw[r * stride: (r + 1) * stride]
-        size = int(chunk[:8].clone().view(torch.int64))
-        if not 0 < size <= stride - 8:
-            raise ValueError(f"corrupt NeuZip shard {r}: size prefix {size} outside 1..{stride - 8}")
-        parts.append(NeuZipTensor.from_bytes(chunk[8: 8 + size].numpy().tobytes(), device).dequantize())
-    return torch.cat(parts, 0)
+def gather_dense(outputs: tuple[torch.Tensor, ...], meta: tuple[Any, ...], dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode the all-gathered compressed parts (see fsdp_pre_all_gather) of every rank into one flat-ordered dense
+    tensor (into `out` when it is given, contiguous and of `dtype`)."""
+    n, lanes, prob_bits, k, block, pad = meta
+    words, offs, states, freqs, packed, *scales = (t.reshape(-1) for t in outputs)
+    world = offs.numel() // (lanes + 1)
+    if offs.numel() != world * (lanes + 1) or words.numel() != world * pad or freqs.numel() != world * 256:
+        raise ValueError(f"all-gathered NeuZip parts do not match their metadata (n={n}, lanes={lanes}, pad={pad})")
+    if out is None or not out.is_contiguous() or out.dtype != dtype:
+        out = torch.empty(world * n, dtype=dtype, device=packed.device)
+    flat = out.detach().view(-1)
+    npk = packed.numel() // world
+    nsc = scales[0].numel() // world if scales else 0
+    for r in range(world):
+        w, o = words[r * pad: (r + 1) * pad], offs[r * (lanes + 1): (r + 1) * (lanes + 1)]
+        if w.device.type != "cuda":
+            w = w[: int(o[-1])]  # the CPU decoder checks every word is consumed
+        enc = ANSEncoded(w, o, states[r * lanes: (r + 1) * lanes], freqs[r * 256: (r + 1) * 256], n, lanes, prob_bits)
+        sc = scales[0][r * nsc: (r + 1) * nsc] if scales else None
+        decode_store(_Store(enc, packed[r * npk: (r + 1) * npk], sc, k, block), dtype, n, out=flat[r * n: (r + 1) * n])
+    return out
 
 
 def shard_rows(w: torch.Tensor, world: int, mantissa_bits: int | None = None, **kw: Any) -> list[NeuZipTensor]:
-    """Compress each rank's row chunk of `w` and set every shard's fsdp_pad_to to the largest serialised size."""
-    shards = [NeuZipTensor.from_dense(c, mantissa_bits, **kw) for c in torch.chunk(w, world, 0)]
-    pad = max(s.compressed_nbytes for s in shards)
-    for s in shards:
-        s.fsdp_pad_to = pad
-    return shards
+    """Compress `w` and split it into `world` row shards the way FSDP2 does (torch.chunk along dim 0)."""
+    return list(torch.chunk(NeuZipTensor.from_dense(w, mantissa_bits, **kw), world, 0))
 
 
 def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:

@@ -117,6 +117,11 @@ def combine(exps: torch.Tensor, signman: torch.Tensor, k: int, dtype: torch.dtyp
     return out
 
 
+def combine_scales(x: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """Undo block normalisation of a flat decoded tensor (same arithmetic as `combine`)."""
+    return _apply_scales(x, scales.to(x.device), block, inverse=True).to(x.dtype)
+
+
 def pack_bits(v: torch.Tensor, width: int) -> torch.Tensor:
     """Pack non-negative ints of `width` bits (1..32) into uint8: whole byte planes first, then the rest bit-packed."""
     n = v.numel()
