@@ -148,10 +148,14 @@ def free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(variant: Variant, ckpt: Path, device: torch.device, seq: int, steps: int, warmup: int,
+Built = tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+
+
+def measure(built: Built, device: torch.device, seq: int, steps: int, warmup: int,
             vocab: int) -> dict[str, float]:
-    """Peak memory of the training steps (set-up excluded) and tokens/s after warm-up; same token ids for all."""
-    model, step_loss = variant.build(ckpt, device)
+    """Peak memory of the training steps (set-up excluded) and tokens/s after warm-up; same token ids for all.
+    The model is built once per variant and reused (a fresh optimizer each call), so the search stays cheap."""
+    model, step_loss = built
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(1234)
     batches = [torch.randint(0, vocab, (1, seq), generator=gen).to(device) for _ in range(steps)]
@@ -179,25 +183,27 @@ def measure(variant: Variant, ckpt: Path, device: torch.device, seq: int, steps:
     return out
 
 
-def fits(variant: Variant, ckpt: Path, device: torch.device, seq: int, vocab: int) -> bool:
+def fits(built: Built, device: torch.device, seq: int, vocab: int) -> bool:
     try:
-        measure(variant, ckpt, device, seq, steps=1, warmup=0, vocab=vocab)
+        measure(built, device, seq, steps=1, warmup=0, vocab=vocab)
         return True
     except torch.OutOfMemoryError:
+        for p in built[0].parameters():
+            p.grad = None
         free(device)
         return False
 
 
-def longest(variant: Variant, ckpt: Path, device: torch.device, start: int, vocab: int, step: int = 1024,
+def longest(built: Built, device: torch.device, start: int, vocab: int, step: int = 4096,
             limit: int = 131072) -> int:
     """Longest sequence (a multiple of `step`) that trains one step without running out of memory."""
     lo, hi = 0, start
-    while hi <= limit and fits(variant, ckpt, device, hi, vocab):
+    while hi <= limit and fits(built, device, hi, vocab):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + step)
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
-        lo, hi = (mid, hi) if fits(variant, ckpt, device, mid, vocab) else (lo, mid)
+        lo, hi = (mid, hi) if fits(built, device, mid, vocab) else (lo, mid)
     return lo
 
 
@@ -233,9 +239,12 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(arch, Path(tmp) / "llama")
         for v in variants:
-            r = measure(v, ckpt, device, seq, args.steps, args.warmup, arch["vocab_size"])
+            built = v.build(ckpt, device)
+            r = measure(built, device, seq, args.steps, args.warmup, arch["vocab_size"])
             if not args.no_longest and device.type == "cuda":
-                r["longest"] = longest(v, ckpt, device, seq, arch["vocab_size"])
+                r["longest"] = longest(built, device, seq, arch["vocab_size"])
+            del built
+            free(device)
             rows.append((v.name, r))
             print(v.name, r, flush=True)
     shape = "smoke-test shapes (not a result)" if args.smoke else "Llama-3-8B shape (random weights, vocab 128256)"

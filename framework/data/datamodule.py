@@ -154,11 +154,14 @@ class TextData(LMDataModule):
     """
 
     def __init__(self, files: list[str] | None = None, tasks: str | list[str] = "all", n_docs: int = 2000,
-                 val_fraction: float = 0.05, **kw):
+                 val_fraction: float = 0.05, list_docs: float = 0.0, **kw):
         super().__init__(**kw)
         self.files = list(files or [])
         self.tasks = resolve_tasks(tasks if isinstance(tasks, str) else list(tasks))
         self.n_docs, self.val_fraction = n_docs, val_fraction
+        if not 0.0 <= list_docs < 1.0:
+            raise ValueError(f"data.list_docs={list_docs!r} must be a fraction in [0, 1)")
+        self.list_docs = list_docs  # share of numbered-list documents (few-shot list continuation, Trans-LoRA)
 
     def documents(self) -> list[str]:
         if self.files:
@@ -173,7 +176,19 @@ class TextData(LMDataModule):
         for t in self.tasks:
             docs += [format_prompt(e["input"]) + f" {e['target']}" for e in generate_split(t, "train", self.n_docs,
                                                                                         self.seed)]
+        if self.list_docs > 0:
+            docs += self.list_documents(round(len(docs) * self.list_docs / (1 - self.list_docs)))
         random.Random(self.seed).shuffle(docs)
+        return docs
+
+    def list_documents(self, n: int, items: int = 10) -> list[str]:
+        """`n` documents "Here are 10 examples:\n1. <input>\n...\n10. <input>", each listing inputs of one task."""
+        rng = random.Random(f"list_docs/{self.seed}")
+        pools = {t: [e["input"] for e in generate_split(t, "train", self.n_docs, self.seed)] for t in self.tasks}
+        docs = []
+        for i in range(n):
+            xs = rng.sample(pools[self.tasks[i % len(self.tasks)]], items)
+            docs.append(f"Here are {items} examples:\n" + "\n".join(f"{j}. {x}" for j, x in enumerate(xs, 1)))
         return docs
 
     def build_splits(self) -> dict[str, Dataset]:
