@@ -15,8 +15,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from framework.quant.nf4_double import dequantize_absmax, quantize_absmax
+from framework.quant.nf4_double import dequantize_absmax, dynamic_code, quantize_absmax
 from kernels.nf4 import check_block_size, dequantize_nf4, num_blocks, quantize_nf4
+from kernels.nf4_matmul import FUSED_MAX_M, triton
+
+fused_mm = None
+if triton is not None:
+    from kernels.nf4_matmul import nf4_matmul as fused_mm
 
 aten = torch.ops.aten
 
@@ -117,8 +122,9 @@ class NF4Tensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear:
-            return nf4_linear(*args, **kwargs)
+        if func is F.linear:  # metadata reads inside skip this hook (each would cost a Python round trip)
+            with torch._C.DisableTorchFunctionSubclass():
+                return nf4_linear(*args, **kwargs)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -136,13 +142,20 @@ class NF4Tensor(torch.Tensor):
 
     def fsdp_post_all_gather(self, outputs: tuple[torch.Tensor, ...], metadata: tuple[Any, ...],
                              param_dtype: torch.dtype, *, out: torch.Tensor | None = None) -> Any:
-        """Rebuild the unsharded NF4Tensor on the gathered buffers (re-used in place from the second gather on)."""
+        """Rebuild the unsharded NF4Tensor on the gathered buffers (re-used in place from the second gather on).
+
+        On a 1-rank mesh FSDP2 (seen with torch 2.13) skips the collective and copies only the FIRST all-gather input
+        (the packed codes); this shard is then the whole tensor, so its own scales are used (they are frozen, never
+        freed by FSDP2, and not returned as unsharded inner tensors)."""
         block_size, offset, outer_size = metadata
         if out is not None:
             if not isinstance(out, NF4Tensor):
                 raise TypeError(f"fsdp_post_all_gather expected an NF4Tensor `out`, got {type(out).__name__}")
             return None
-        full = NF4Tensor(outputs[0], tuple(outputs[1:]), outer_size, param_dtype or self.dtype, block_size, offset)
+        scales = tuple(outputs[1:])
+        if len(outputs) == 1 and self.shape == outer_size:  # FSDP2's 1-rank shortcut (see above)
+            scales = self.scale_tensors()
+        full = NF4Tensor(outputs[0], scales, outer_size, param_dtype or self.dtype, block_size, offset)
         return full, tuple(outputs)
 
 
@@ -154,19 +167,40 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _use_fused(a: torch.Tensor, weight: NF4Tensor, width: int) -> bool:
+    """The fused kernel serves few rows of a bf16/fp16 CUDA input on a 2-D weight with an even in_features."""
+    return (a.is_cuda and fused_mm is not None and a.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2
+            and weight.shape[1] % 2 == 0 and 0 < a.numel() <= FUSED_MAX_M * width)
+
+
+def nf4_mm(a: torch.Tensor, weight: NF4Tensor, trans: bool = False) -> torch.Tensor:
+    """a @ W^T (trans=False) or a @ W (trans=True) over a's last dim: fused dequant-GEMM for few rows (see
+    kernels/nf4_matmul.py), else dequantize to a temporary dense weight + cuBLAS (large batch, CPU, fp32)."""
+    n, k = weight.shape[0], weight.shape[-1]
+    width = n if trans else k
+    if _use_fused(a, weight, width):
+        code8 = dynamic_code(a.device) if weight.offset is not None else None
+        out = fused_mm(a.reshape(-1, width), weight.packed, weight.scale_tensors(), weight.offset, n, k,
+                       weight.block_size, trans, code8)
+        return out.view(*a.shape[:-1], out.shape[-1])
+    w = weight.dequantize(a.dtype)
+    return a @ w if trans else a @ w.t()
+
+
 class _NF4Matmul(torch.autograd.Function):
-    """y = x @ W^T with W dequantized just in time in forward and in backward; no gradient for the frozen W."""
+    """y = x @ W^T with W dequantized just in time (or fused) in forward and in backward; no gradient for W."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
         ctx.weight = weight
-        return x @ weight.dequantize(x.dtype).t()
+        return nf4_mm(x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ ctx.weight.dequantize(grad.dtype), None
+        with torch._C.DisableTorchFunctionSubclass():
+            return nf4_mm(grad, ctx.weight, trans=True), None
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +211,10 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"F.linear: input has {x.shape[-1]} features but the NF4 weight expects {weight.shape[-1]}")
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    out = _NF4Matmul.apply(x, weight)
+    if x.requires_grad and torch.is_grad_enabled():
+        out = _NF4Matmul.apply(x, weight)
+    else:  # no graph to record: skip the autograd.Function machinery
+        out = nf4_mm(x, weight)
     return out if bias is None else out + bias.to(out.dtype)
 
 

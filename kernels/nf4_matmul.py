@@ -1,0 +1,285 @@
+"""Fused NF4 dequant-GEMM for few rows (M <= `FUSED_MAX_M`): reads the packed 4-bit codes + per-block scales once and
+dequantizes in registers, so a small-batch Linear never writes a temporary dense weight (dequantize + cuBLAS spends
+most of its time writing and re-reading that copy, plus two launches).
+
+W is [N, K] (out x in), stored flat like bitsandbytes: element (n, k) is nibble n*K + k (high nibble first), scale
+block (n*K + k) // block_size. K must be even, so each row starts on a byte. Two products share one kernel:
+  forward    y = a @ W^T  (a [M, K] -> [M, N]): programs own rows n of W, loop over k;
+  backward   y = a @ W    (a [M, N] -> [M, K]): programs own byte-columns of W, loop over n.
+The even / odd elements of a byte pair (high / low nibble) are two dot products against the even / odd columns of
+`a`, so no in-register interleave is needed. The dequantized weight is rounded to the input dtype before the dot
+(bf16(code * absmax), the same weight `dequantize` gives), accumulated in fp32.
+
+Split-K: with few output tiles, SPLIT programs share one tile's reduction; each parks its fp32 partial in its own
+slot of a per-device workspace, and the last one to arrive (atomic counter per tile) sums the slots in a fixed order
+(deterministic), writes the output and resets the counter. No memset or reduction launch per call. The workspace
+assumes one stream at a time per device.
+
+`nf4_matmul_reference` is the pure-torch twin (dequantize, then matmul) used on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kernels.nf4 import dequantize_nf4_reference, nf4_code
+
+try:  # triton is optional on CPU-only machines
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+# the Triton interpreter (CPU tests) mis-computes tl.dot on bf16 operands: there, operands are rounded to the input
+# dtype and then widened to fp32 (same values, exact fp32 dot)
+_DOT_F32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FUSED_MAX_M = 64  # rows up to which the fused kernel beats dequantize + cuBLAS (weight bytes dominate)
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """Tile of W per loop step: `tn` rows x `tkb` packed bytes (2*tkb elements); `split` programs per output tile."""
+
+    tn: int
+    tkb: int
+    split: int
+    warps: int = 4
+    stages: int = 1  # software pipelining stages the gathers in shared memory (>200 KB): occupancy hides latency
+
+
+def nf4_matmul_reference(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int,
+                         block_size: int, trans: bool = False) -> torch.Tensor:
+    """Pure-torch twin: a @ W^T (trans=False) or a @ W (trans=True) on the dequantized weight in a's dtype."""
+    w = dequantize_nf4_reference(packed, absmax, (n, k), block_size, a.dtype)
+    return a @ w if trans else a @ w.t()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask, kmask, K2,
+                BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+        """Dequantized [TN, TKB] tiles of W's even (high nibble) and odd (low nibble) elements, in DTYPE."""
+        byte = offs_n.to(tl.int64)[:, None] * K2 + offs_kb[None, :]
+        mask = nmask[:, None] & kmask[None, :]
+        b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+        blk = byte // (BS // 2)
+        if DQ:  # double quantization: absmax = code8[q] * absmax2[blk // 256] + offset
+            q = tl.load(s_ptr + blk, mask=mask, other=0).to(tl.int32)
+            s = tl.load(code8_ptr + q) * tl.load(s2_ptr + blk // 256, mask=mask, other=0.0) + offset
+        else:
+            s = tl.load(s_ptr + blk, mask=mask, other=0.0)
+        s = tl.where(mask, s, 0.0)
+        hi = (tl.load(code_ptr + (b >> 4)) * s).to(DTYPE)
+        lo = (tl.load(code_ptr + (b & 15)) * s).to(DTYPE)
+        if DOT_F32:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+        return hi, lo
+
+    @triton.jit
+    def _finish(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, pid_s, slot, SPLIT: tl.constexpr):
+        """Store the tile, or (split-K) park it in workspace slot pid_s; the last of SPLIT programs to arrive sums
+        the slots in a fixed order (deterministic, no float atomics), stores, and resets the tile counter."""
+        if SPLIT == 1:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptr + pid_s * slot + offs, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partials are written before the (cumulative) release below
+            ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+            if ticket == SPLIT - 1:
+                tot = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")  # .cg: from L2, not L1
+                for s in range(1, SPLIT):
+                    tot += tl.load(ws_ptr + s * slot + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(lock_ptr, 0)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _nf4_mm_kernel(a_ptr, packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, out_ptr, ws_ptr, lock_ptr,
+                       M, N, K, s_am, s_ak, offset,
+                       TRANS: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, BM: tl.constexpr,
+                       TN: tl.constexpr, TKB: tl.constexpr, SPLIT: tl.constexpr,
+                       DOT_F32: tl.constexpr):
+        pid_o = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        K2 = K // 2
+        DTYPE = a_ptr.dtype.element_ty
+        offs_m = tl.arange(0, BM)
+        mmask = offs_m < M
+        if not TRANS:  # y[m, n] = sum_k a[m, k] W[n, k]; this program: rows n, a 1/SPLIT share of k
+            offs_n = pid_o * TN + tl.arange(0, TN)
+            nmask = offs_n < N
+            chunk = ((K2 + SPLIT - 1) // SPLIT + TKB - 1) // TKB * TKB
+            start = pid_s * chunk
+            end = tl.minimum(start + chunk, K2)
+            acc = tl.full((TN, BM), 0.0, tl.float32)
+            for kb0 in range(start, end, TKB):
+                offs_kb = kb0 + tl.arange(0, TKB)
+                kmask = offs_kb < K2
+                hi, lo = _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask,
+                                 kmask, K2, BS, DQ, DTYPE, DOT_F32)
+                amask = kmask[:, None] & mmask[None, :]
+                a_even = a_ptr + offs_m[None, :] * s_am + (2 * offs_kb)[:, None] * s_ak  # [TKB, BM] = a^T
+                xe = tl.load(a_even, mask=amask, other=0.0)
+                xo = tl.load(a_even + s_ak, mask=amask, other=0.0)
+                if DOT_F32:
+                    xe = xe.to(tl.float32)
+                    xo = xo.to(tl.float32)
+                acc = tl.dot(hi, xe, acc)
+                acc = tl.dot(lo, xo, acc)
+            offs = offs_m[None, :] * N + offs_n[:, None]
+            _finish(acc, out_ptr, ws_ptr, lock_ptr + pid_o, offs, mmask[None, :] & nmask[:, None], pid_s, M * N,
+                    SPLIT)
+        else:  # y[m, k] = sum_n a[m, n] W[n, k]; this program: byte-columns of W, a 1/SPLIT share of n
+            offs_kb = pid_o * TKB + tl.arange(0, TKB)
+            kmask = offs_kb < K2
+            chunk = ((N + SPLIT - 1) // SPLIT + TN - 1) // TN * TN
+            start = pid_s * chunk
+            end = tl.minimum(start + chunk, N)
+            acc_e = tl.full((BM, TKB), 0.0, tl.float32)
+            acc_o = tl.full((BM, TKB), 0.0, tl.float32)
+            for n0 in range(start, end, TN):
+                offs_n = n0 + tl.arange(0, TN)
+                nmask = offs_n < N
+                hi, lo = _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask,
+                                 kmask, K2, BS, DQ, DTYPE, DOT_F32)
+                g = tl.load(a_ptr + offs_m[:, None] * s_am + offs_n[None, :] * s_ak,
+                            mask=mmask[:, None] & nmask[None, :], other=0.0)
+                if DOT_F32:
+                    g = g.to(tl.float32)
+                acc_e = tl.dot(g, hi, acc_e)
+                acc_o = tl.dot(g, lo, acc_o)
+            offs = offs_m[:, None] * K + 2 * offs_kb[None, :]
+            _finish_pair(acc_e, acc_o, out_ptr, ws_ptr, lock_ptr + pid_o, offs, mmask[:, None] & kmask[None, :],
+                         pid_s, M * K, SPLIT)
+
+    @triton.jit
+    def _finish_pair(acc_e, acc_o, out_ptr, ws_ptr, lock_ptr, offs, mask, pid_s, slot, SPLIT: tl.constexpr):
+        """`_finish` for the backward tile, whose even / odd halves land interleaved at offs / offs + 1."""
+        if SPLIT == 1:
+            tl.store(out_ptr + offs, acc_e.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs + 1, acc_o.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptr + pid_s * slot + offs, acc_e, mask=mask)
+            tl.store(ws_ptr + pid_s * slot + offs + 1, acc_o, mask=mask)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(lock_ptr, 1, sem="acq_rel")
+            if ticket == SPLIT - 1:
+                te = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                to = tl.load(ws_ptr + offs + 1, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in range(1, SPLIT):
+                    te += tl.load(ws_ptr + s * slot + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    to += tl.load(ws_ptr + s * slot + offs + 1, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, te.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_ptr + offs + 1, to.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(lock_ptr, 0)
+
+
+_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONFIGS: dict[tuple, MMConfig] = {}
+_SMS: dict[torch.device, int] = {}
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _SMS[device]
+
+
+def candidate_configs(n: int, k: int, trans: bool, sms: int) -> list[MMConfig]:
+    """A few tile shapes, each with a split that gives ~4 programs per SM (the reduction still gets >= 2 steps)."""
+    out = []
+    for tn, tkb, warps in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8)):
+        tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
+        steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
+        split = min(_pow2_floor(4 * sms / tiles), _pow2_floor(steps / 2), 64)
+        out.append(MMConfig(tn, tkb, max(1, split), warps))
+    return out
+
+
+def _workspace(device: torch.device, n_out: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial-sum slots and zeroed int32 tile counters (kernels leave them zeroed), grown on demand."""
+    ws, lock = _WS.get(device, (None, None))
+    if ws is None or ws.numel() < n_out or lock.numel() < n_tiles:
+        ws = torch.empty(max(n_out, 1 << 16, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        lock = torch.zeros(max(n_tiles, 4096, 0 if lock is None else lock.numel()), dtype=torch.int32, device=device)
+        _WS[device] = (ws, lock)
+    return ws, lock
+
+
+def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], offset: float | None,
+            code8: torch.Tensor | None, n: int, k: int, block_size: int, trans: bool, cfg: MMConfig,
+            out: torch.Tensor) -> torch.Tensor:
+    m = a.shape[0]
+    n_out = k if trans else n
+    tiles = triton.cdiv(k // 2, cfg.tkb) if trans else triton.cdiv(n, cfg.tn)
+    ws, lock = _workspace(a.device, cfg.split * m * n_out, tiles) if cfg.split > 1 else (out, out)
+    dq = offset is not None
+    s = scales[0]
+    s2 = scales[1] if dq else s
+    bm = max(16, triton.next_power_of_2(m))
+    _nf4_mm_kernel[(tiles, cfg.split)](
+        a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+        m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
+        TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=_DOT_F32,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return out
+
+
+def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
+    """Time each candidate once per (shape, direction, row bucket, dtype, device); keep the fastest."""
+    from triton.testing import do_bench
+
+    best, best_t = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            t = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception:  # noqa: BLE001 - a config that fails to compile/launch is skipped
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _CONFIGS[key] = best
+    return best
+
+
+def nf4_matmul(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], offset: float | None,
+               n: int, k: int, block_size: int, trans: bool = False, code8: torch.Tensor | None = None,
+               config: MMConfig | None = None) -> torch.Tensor:
+    """Fused a @ W^T (trans=False, a [M, K] -> [M, N]) or a @ W (trans=True, a [M, N] -> [M, K]) on an NF4 W [N, K].
+
+    `scales` is (absmax fp32,) or, with double quantization (`offset` not None), (qabsmax uint8, absmax2 fp32) with
+    `code8` the 256-entry dynamic code. `config` None: picked by timing on the first call per shape on CUDA (or a
+    heuristic while a CUDA graph is being captured / with NF4_MM_AUTOTUNE=0)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use nf4_matmul_reference")
+    if k % 2:
+        raise ValueError(f"nf4_matmul needs an even in_features, got {k}")
+    if a.dim() != 2 or a.shape[1] != (n if trans else k):
+        raise ValueError(f"nf4_matmul: a has shape {tuple(a.shape)}, W is {n}x{k}, trans={trans}")
+    if offset is not None and code8 is None:
+        raise ValueError("nf4_matmul: double-quantized scales need `code8`")
+    m = a.shape[0]
+    out = torch.empty((m, k if trans else n), dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
+    if config is None:
+        key = (trans, n, k, max(16, triton.next_power_of_2(m)), block_size, offset is not None, a.dtype, a.device)
+        config = _CONFIGS.get(key)
+        if config is None:
+            cands = candidate_configs(n, k, trans, _sm_count(a.device))
+            if (a.is_cuda and not torch.cuda.is_current_stream_capturing()
+                    and os.environ.get("NF4_MM_AUTOTUNE", "1") != "0"):
+                config = _autotune(key, lambda c: _launch(a, packed, scales, offset, code8, n, k, block_size,
+                                                          trans, c, out), cands)
+            else:
+                config = cands[0]
+    return _launch(a, packed, scales, offset, code8, n, k, block_size, trans, config, out)
