@@ -46,19 +46,20 @@ def time_codec(base: list, ft: list, device: str) -> dict[str, float]:
     raw = sum(t.numel() * t.element_size() for t in ft)
     encode_delta(base[0][: 1 << 20], ft[0][: 1 << 20])  # warm-up: builds / compiles kernels
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     enc = [encode_delta(b, f) for b, f in zip(base, ft)]
     sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     blobs = [b"".join(p) for _, p in enc]
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     outs = [decode_delta(b, m, blob) for b, (m, _), blob in zip(base, enc, blobs)]
     sync(device)
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     ok = all(torch.equal(o.view(torch.uint8), f.view(torch.uint8)) for o, f in zip(outs, ft))
     stored = sum(map(len, blobs))
     return {"raw_MB": raw / 1e6, "ratio": stored / raw, "enc_MBps": raw / (t1 - t0) / 1e6,
-            "dec_MBps": raw / (t3 - t2) / 1e6, "bit_exact": ok}
+            "dec_MBps": raw / (t3 - t2) / 1e6, "bit_exact": ok,
+            "enc_cpu_MBps": raw / max(c1 - c0, 1e-9) / 1e6, "dec_cpu_MBps": raw / max(c3 - c2, 1e-9) / 1e6}
 
 
 def time_reference(base: list, ft: list) -> dict[str, float]:
@@ -81,15 +82,16 @@ def time_zstd(base: list, ft: list, level: int = 3) -> dict[str, float]:
     xs = [(f.view(it) ^ b.view(it)).numpy().tobytes() for b, f in zip(base, ft)]
     raw = sum(map(len, xs))
     c = zstandard.ZstdCompressor(level=level, threads=torch.get_num_threads())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     zs = [c.compress(x) for x in xs]
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     d = zstandard.ZstdDecompressor()
     for z in zs:
         d.decompress(z)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     return {"raw_MB": raw / 1e6, "ratio": sum(map(len, zs)) / raw, "enc_MBps": raw / (t1 - t0) / 1e6,
-            "dec_MBps": raw / (t2 - t1) / 1e6, "bit_exact": True}
+            "dec_MBps": raw / (t2 - t1) / 1e6, "bit_exact": True,
+            "enc_cpu_MBps": raw / max(c1 - c0, 1e-9) / 1e6, "dec_cpu_MBps": raw / max(c2 - c1, 1e-9) / 1e6}
 
 
 def main() -> None:
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=1 << 24)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     a = ap.parse_args()
+    load0 = os.getloadavg()
     base, ft = pair(a.tensors, a.numel, DTYPES[a.dtype], a.device)
     rows = {"FM-Delta (" + (f"native C++, {torch.get_num_threads()} threads" if a.device == "cpu"
                             else "torch + Triton rANS") + ")": time_codec(base, ft, a.device)}
@@ -117,17 +120,25 @@ def main() -> None:
         zv = zstandard.__version__
     except ImportError:
         zv = "n/a"
+    load1 = os.getloadavg()
     target = 5000 if a.device == "cuda" else 300
     lines = [f"# FM-Delta throughput on {a.device} ({dev})", "",
              f"torch {torch.__version__}, triton {triton.__version__}, zstandard {zv}, threads "
              f"{torch.get_num_threads()}, cores {os.cpu_count()}; pair: {a.tensors} x {a.numel} {a.dtype} "
              "(synthetic Adam-like fine-tune, see script docstring). Target: >= "
-             f"{target} MB/s; anchor: reference C++ core 110 MB/s encode / 75 MB/s decode (1 thread).", "",
-             "| codec | raw MB | ratio | compress MB/s | decompress MB/s | vs anchor enc/dec | bit-exact |",
-             "|---|---|---|---|---|---|---|"]
+             f"{target} MB/s; anchor: reference C++ core 110 MB/s encode / 75 MB/s decode (1 thread).",
+             f"Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load0)}, after: "
+             f"{' '.join(f'{x:.2f}' for x in load1)}" + (" - the CPU is shared with other jobs, so wall-clock MB/s "
+             "is what this process got, not what 2 free cores give; 'MB per CPU-s' = raw bytes / CPU seconds of "
+             "this process (all its threads), i.e. the per-core throughput independent of the contention." if
+             a.device == "cpu" else "."), "",
+             "| codec | raw MB | ratio | compress MB/s | decompress MB/s | vs anchor enc/dec | compress MB per CPU-s |"
+             " decompress MB per CPU-s | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['raw_MB']:.0f} | {r['ratio']:.3f} | {r['enc_MBps']:.0f} | {r['dec_MBps']:.0f} | "
-                     f"{r['enc_MBps'] / 110:.2f}x / {r['dec_MBps'] / 75:.2f}x | {r['bit_exact']} |")
+                     f"{r['enc_MBps'] / 110:.2f}x / {r['dec_MBps'] / 75:.2f}x | {r['enc_cpu_MBps']:.0f} | "
+                     f"{r['dec_cpu_MBps']:.0f} | {r['bit_exact']} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"fmdelta_speed_{a.device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -97,6 +97,38 @@ def test_native_equals_reference_bytes(dtype: torch.dtype) -> None:
     assert torch.equal(fmdelta_native.decode(b, sym, bw, words, fmt.exp_shift, fmt.exp_mask, 1024), f)
 
 
+@pytest.mark.skipif(fmdelta_native.library() is None, reason="no C++ compiler: the native path is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("block,threads", [(8, 3), (1000, 2), (1024, 5), (4096, 1)])
+def test_native_single_pass_threads_and_counts(dtype: torch.dtype, block: int, threads: int) -> None:
+    """Per-thread runs of blocks are compacted in order: bytes equal the reference for odd block sizes and thread
+    counts (including more threads than blocks), and the in-pass histogram equals a bincount of the symbols."""
+    fmt = FORMATS[dtype]
+    base, ft = adversarial(dtype, n=9001, seed=4)
+    b, f = bits(base), bits(ft)
+    ref = fmdelta_ref.encode(b, f, fmt.exp_shift, fmt.exp_mask, block)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts = torch.zeros(256, dtype=torch.int64)
+        nat = fmdelta_native.encode(b, f, fmt.exp_shift, fmt.exp_mask, block, counts)
+    finally:
+        torch.set_num_threads(old)
+    for x, y in zip(ref, nat, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(counts, torch.bincount(ref[0].to(torch.int64), minlength=256))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_from_unaligned_payload(dtype: torch.dtype) -> None:
+    """Container records put the raw-bit stream at any byte offset; decoding reads it in place."""
+    base, ft = adversarial(dtype, seed=5)
+    meta, parts = encode_delta(base, ft, block=1024, segment=4096)
+    for pad in range(1, 8):
+        view = memoryview(b"\0" * pad + b"".join(parts))[pad:]
+        assert torch.equal(bits(decode_delta(base, meta, view)), bits(ft))
+
+
 def test_identical_tensor_costs_almost_nothing() -> None:
     base = torch.randn(100_000)
     meta, parts = encode_delta(base, base.clone())

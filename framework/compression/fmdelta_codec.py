@@ -63,7 +63,7 @@ def _as_u8(t: torch.Tensor) -> np.ndarray:
 def encode_delta(base: torch.Tensor, ft: torch.Tensor, *, context: bool = True, block: int = BLOCK,
                  segment: int = SEGMENT) -> tuple[dict, list[bytes]]:
     """(meta, payload parts) coding `ft` against `base` (same dtype and shape; CPU or CUDA, where they live)."""
-    from kernels.ans import ans_encode
+    from kernels.ans import ans_encode, quantize_frequencies
 
     if not delta_codable(base, ft):
         raise ValueError(f"cannot delta-code {ft.dtype} {tuple(ft.shape)} against {base.dtype} {tuple(base.shape)}")
@@ -76,8 +76,15 @@ def encode_delta(base: torch.Tensor, ft: torch.Tensor, *, context: bool = True, 
     segs, parts = [], []
     for a in range(0, max(b.numel(), 1), segment):
         bs, fs = b[a:a + segment], f[a:a + segment]
-        sym, block_words, words = codec.encode(bs, fs, fmt.exp_shift, mask, block)
-        ans = ans_encode(sym, prob_bits=PROB_BITS).to_bytes()
+        freqs = None
+        if codec is fmdelta_native:  # the histogram comes out of the same pass: no second scan of the symbols
+            counts = torch.zeros(256, dtype=torch.int64)
+            sym, block_words, words = codec.encode(bs, fs, fmt.exp_shift, mask, block, counts)
+            if sym.numel():
+                freqs = quantize_frequencies(counts[: int(torch.nonzero(counts)[-1]) + 1], PROB_BITS)
+        else:
+            sym, block_words, words = codec.encode(bs, fs, fmt.exp_shift, mask, block)
+        ans = ans_encode(sym, freqs, prob_bits=PROB_BITS).to_bytes()
         bw = _as_u8(block_words.to(torch.int32)).tobytes()
         wb = _as_u8(words).tobytes()
         segs.append([bs.numel(), len(ans), len(bw), len(wb)])
@@ -125,11 +132,15 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
         if len(bw) != 4 * nblocks or len(wb) % 8:
             raise ValueError("corrupt FM-Delta payload: block table or raw-bit stream has the wrong size")
         block_words = torch.from_numpy(np.frombuffer(bw, "<i4").astype(np.int64))
-        words = torch.from_numpy(np.frombuffer(wb, "<i8").copy())
-        if bool(((block_words < 0) | (block_words > max_words)).any()) or int(block_words.sum()) != words.numel():
+        if bool(((block_words < 0) | (block_words > max_words)).any()) or int(block_words.sum()) != len(wb) // 8:
             raise ValueError("corrupt FM-Delta payload: block table does not match the raw-bit stream")
-        dev = b.device
-        out[a:a + n] = codec.decode(b[a:a + n], sym, block_words.to(dev), words.to(dev), fmt.exp_shift, mask, block)
+        if codec is fmdelta_native:  # read the raw bits in place and decode straight into the output slice
+            raw = np.frombuffer(wb, np.uint8)
+            codec.decode(b[a:a + n], sym, block_words, raw, fmt.exp_shift, mask, block, out=out[a:a + n])
+        else:
+            dev = b.device
+            words = torch.from_numpy(np.frombuffer(wb, "<i8").copy()).to(dev)
+            out[a:a + n] = codec.decode(b[a:a + n], sym, block_words.to(dev), words, fmt.exp_shift, mask, block)
         a += n
     return out.view(base.dtype).view(base.shape)
 

@@ -16,6 +16,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,15 @@ def library() -> ctypes.CDLL | None:
         log.warning("FM-Delta native CPU codec unavailable (%s); using the slower torch path", e)
         return None
     lib.fmd_encode.argtypes = [_P, _P, _I64, _INT, _INT, _U64, _I64, _P, _P, _P, _P, _INT]
-    lib.fmd_encode.restype = None
+    lib.fmd_encode.restype = _I64
     lib.fmd_decode.argtypes = [_P, _P, _I64, _INT, _INT, _U64, _I64, _P, _P, _P, _P, _INT]
     lib.fmd_decode.restype = _INT
     return lib
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def _ptr(t: torch.Tensor | np.ndarray | None) -> int | None:
+    if isinstance(t, np.ndarray):
+        return t.ctypes.data
     return None if t is None else t.data_ptr()
 
 
@@ -73,33 +76,41 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def encode(base: torch.Tensor, ft: torch.Tensor, shift: int, mask: int, block: int
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(symbols uint8 (n,), block_words int64 (nblocks,), words int64) from two same-dtype 1-D CPU int views."""
+def encode(base: torch.Tensor, ft: torch.Tensor, shift: int, mask: int, block: int,
+           counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(symbols uint8 (n,), block_words int64 (nblocks,), words int64) from two same-dtype 1-D CPU int views.
+
+    One pass over the inputs on all threads; `counts` (int64 (256,)), when given, is incremented by the symbol
+    histogram gathered in the same pass (so the entropy coder needs no second look at the symbols).
+    """
     lib = library()
     assert lib is not None
     n, width = base.numel(), base.element_size()
     nblocks = (n + block - 1) // block
+    stride = (block * width * 8 + 63) // 64 + 1
     sym = torch.empty(n, dtype=torch.uint8)
     bw32 = torch.empty(nblocks, dtype=torch.int32)
-    lib.fmd_encode(_ptr(base), _ptr(ft), n, width, shift, mask, block, _ptr(sym), _ptr(bw32), None, None, threads())
-    block_words = bw32.to(torch.int64)
-    off = torch.cumsum(block_words, 0) - block_words
-    words = torch.zeros(int(block_words.sum()), dtype=torch.int64)
-    lib.fmd_encode(_ptr(base), _ptr(ft), n, width, shift, mask, block, _ptr(sym), _ptr(bw32), _ptr(words), _ptr(off),
-                   threads())
-    return sym, block_words, words
+    words = torch.empty(max(1, nblocks * stride), dtype=torch.int64)
+    hist = torch.zeros(256, dtype=torch.int64) if counts is None else counts
+    assert hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 256
+    total = lib.fmd_encode(_ptr(base), _ptr(ft), n, width, shift, mask, block, _ptr(sym), _ptr(bw32), _ptr(words),
+                           _ptr(hist), threads())
+    return sym, bw32.to(torch.int64), words[:total]
 
 
-def decode(base: torch.Tensor, sym: torch.Tensor, block_words: torch.Tensor, words: torch.Tensor, shift: int, mask: int,
-           block: int) -> torch.Tensor:
-    """Inverse of `encode`; raises ValueError on an out-of-range symbol or a raw-bit stream of the wrong length."""
+def decode(base: torch.Tensor, sym: torch.Tensor, block_words: torch.Tensor, words: torch.Tensor | np.ndarray,
+           shift: int, mask: int, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `encode` (into `out`, a contiguous tensor like `base`, when given); raises ValueError on an
+    out-of-range symbol or a raw-bit stream of the wrong length. `words` may be a read-only, unaligned uint8 numpy
+    view of the payload (the C++ reader loads it bytewise-safely), which saves a copy."""
     lib = library()
     assert lib is not None
     n, width = base.numel(), base.element_size()
     off = torch.cumsum(block_words, 0) - block_words
     bw32 = block_words.to(torch.int32)
-    out = torch.empty_like(base)
+    if out is None:
+        out = torch.empty_like(base)
+    assert out.dtype == base.dtype and out.numel() == n and out.is_contiguous()
     rc = lib.fmd_decode(_ptr(base), _ptr(sym), n, width, shift, mask, block, _ptr(words), _ptr(off), _ptr(bw32),
                         _ptr(out), threads())
     if rc == 1:

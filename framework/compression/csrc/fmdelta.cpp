@@ -8,6 +8,7 @@
 //              starts on a fresh word; block_words[b] = words used by block b.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -35,23 +36,8 @@ template <class U> inline int msb(U x) {
   return (int)(sizeof(unsigned long long) * 8 - 1) - __builtin_clzll((unsigned long long)x);
 }
 
-struct BitWriter {
-  uint64_t* out; uint64_t acc = 0; int fill = 0; int64_t nw = 0;
-  inline void put(uint64_t v, int k) {  // v < 2^k, k <= 63
-    if (k == 0) return;
-    acc |= v << fill;
-    fill += k;
-    if (fill >= 64) {
-      if (out) out[nw] = acc;
-      ++nw; fill -= 64;
-      acc = fill ? (v >> (k - fill)) : 0;
-    }
-  }
-  inline void flush() { if (fill) { if (out) out[nw] = acc; ++nw; acc = 0; fill = 0; } }
-};
-
-struct BitReader {
-  const uint64_t* in; int64_t avail; uint64_t acc = 0; int left = 0; int64_t pos = 0; bool bad = false;
+struct BitReader {  // `in` may be unaligned (it points into a container record): words are loaded with memcpy
+  const unsigned char* in; int64_t avail; uint64_t acc = 0; int left = 0; int64_t pos = 0; bool bad = false;
   inline uint64_t get(int k) {
     if (k == 0) return 0;
     uint64_t v;
@@ -61,7 +47,8 @@ struct BitReader {
       return v;
     }
     if (pos >= avail) { bad = true; return 0; }
-    uint64_t w = in[pos++];
+    uint64_t w;
+    std::memcpy(&w, in + 8 * pos++, 8);
     int need = k - left;
     v = acc | ((w & ((uint64_t(1) << need) - 1)) << left);
     acc = w >> need; left = 64 - need;
@@ -69,44 +56,85 @@ struct BitReader {
   }
 };
 
+// One pass per element. Thread t codes a contiguous run of blocks into its own worst-case region of `words`
+// (stride = ceil(block * W / 64) + 1 words per block: the tails of a block take at most ceil(block * (W - 1) / 64)
+// words, and the branch-free writer may store one word past the end of a block),
+// one block after the other, each starting on a fresh word; a final in-order memmove closes the gaps between the
+// threads' runs. Symbol counts are gathered in the same pass (4 interleaved sub-histograms per thread).
 template <class U>
-void encode_t(const U* base, const U* ft, int64_t n, int shift, uint64_t mask, int64_t block, uint8_t* sym,
-              uint32_t* block_words, uint64_t* words, const int64_t* block_off, int nthreads) {
+int64_t encode_t(const U* base, const U* ft, int64_t n, int shift, uint64_t mask, int64_t block, uint8_t* sym,
+                 uint32_t* block_words, uint64_t* words, int64_t* counts, int nthreads) {
   constexpr int W = sizeof(U) * 8;
-  int64_t nblocks = (n + block - 1) / block;
-  parallel_blocks(nblocks, nthreads, [&](int64_t b) {
-    int64_t a = b * block, e = std::min(n, a + block);
-    BitWriter bw{words ? words + block_off[b] : nullptr};
-    int64_t bits = 0;
-    for (int64_t i = a; i < e; ++i) {
-      U p = base[i];
-      U d = U(to_key<U>(ft[i]) - to_key<U>(p));
-      if (d == 0) { if (!words) sym[i] = 0; continue; }
-      int neg = (int)(d >> (W - 1));
-      U mag = neg ? U(U(0) - d) : d;
-      int k = msb<U>(mag);
-      if (!words) {
-        int ctx = (int)((uint64_t(p) >> shift) & mask);
-        sym[i] = (uint8_t)(1 + neg * W + ((k + ctx) % W));
-        bits += k;
-      } else {
-        bw.put((uint64_t)mag ^ (uint64_t(1) << k), k);
+  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t maxw = (block * W + 63) / 64 + 1;  // stride of the per-block worst-case regions
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
+  std::vector<int64_t> used(nt, 0);
+  std::vector<std::vector<uint32_t>> hist(nt, std::vector<uint32_t>(4 * 256, 0));
+  auto work = [&](int t) {
+    const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
+    uint64_t* const start = words + b0 * maxw;
+    uint64_t* out = start;
+    uint32_t* h = hist[t].data();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a = b * block, e = std::min(n, a + block);
+      uint64_t acc = 0;
+      int fill = 0;
+      int64_t nw = 0;
+      for (int64_t i = a; i < e; ++i) {
+        const U p = base[i];
+        const U d = U(to_key<U>(ft[i]) - to_key<U>(p));
+        const int neg = (int)(d >> (W - 1));
+        const U mag = neg ? U(U(0) - d) : d;
+        const int k = msb<U>(U(mag | U(1)));
+        const uint64_t v = (uint64_t)mag & ~(uint64_t(1) << k);  // 0 when d == 0 (k == 0)
+        const int ctx = (int)((uint64_t(p) >> shift) & mask);
+        const uint8_t s = d ? (uint8_t)(1 + neg * W + ((k + ctx) & (W - 1))) : 0;
+        sym[i] = s;
+        h[((i & 3) << 8) | s]++;
+        // branch-free bit writer: store the current word every time, advance when it is full
+        acc |= v << fill;
+        out[nw] = acc;
+        const int nf = fill + k;
+        const bool spill = nf >= 64;
+        const uint64_t rest = v >> ((64 - fill) & 63);  // only used when spill (then 1 <= fill <= 63)
+        nw += spill;
+        acc = spill ? rest : acc;
+        fill = nf & 63;
       }
+      if (fill) out[nw++] = acc;
+      block_words[b] = (uint32_t)nw;
+      out += nw;
     }
-    bw.flush();
-    if (!words) block_words[b] = (uint32_t)((bits + 63) / 64);
-  });
+    used[t] = out - start;
+  };
+  if (nt == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nt; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& th : pool) th.join();
+  }
+  int64_t total = used[0];
+  for (int t = 1; t < nt; ++t) {
+    const int64_t b0 = nblocks * t / nt;
+    if (used[t]) std::memmove(words + total, words + b0 * maxw, (size_t)used[t] * 8);
+    total += used[t];
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int j = 0; j < 4 * 256; ++j) counts[j & 255] += hist[t][j];
+  return total;
 }
 
 template <class U>
 int decode_t(const U* base, const uint8_t* sym, int64_t n, int shift, uint64_t mask, int64_t block,
-             const uint64_t* words, const int64_t* block_off, const uint32_t* block_words, U* out, int nthreads) {
+             const unsigned char* words, const int64_t* block_off, const uint32_t* block_words, U* out, int nthreads) {
   constexpr int W = sizeof(U) * 8;
   int64_t nblocks = (n + block - 1) / block;
   std::vector<int> err(nblocks, 0);
   parallel_blocks(nblocks, nthreads, [&](int64_t b) {
     int64_t a = b * block, e = std::min(n, a + block);
-    BitReader br{words + block_off[b], (int64_t)block_words[b]};
+    BitReader br{words + 8 * block_off[b], (int64_t)block_words[b]};
     for (int64_t i = a; i < e; ++i) {
       U p = base[i];
       int s = sym[i];
@@ -130,20 +158,21 @@ int decode_t(const U* base, const uint8_t* sym, int64_t n, int shift, uint64_t m
 
 extern "C" {
 
-// words == nullptr: pass 1 (symbols + words per block); else pass 2 (raw bits at block_off[b] words).
-void fmd_encode(const void* base, const void* ft, int64_t n, int width, int shift, uint64_t mask, int64_t block,
-                uint8_t* sym, uint32_t* block_words, uint64_t* words, const int64_t* block_off, int nthreads) {
-  if (width == 2) encode_t<uint16_t>((const uint16_t*)base, (const uint16_t*)ft, n, shift, mask, block, sym, block_words, words, block_off, nthreads);
-  else if (width == 4) encode_t<uint32_t>((const uint32_t*)base, (const uint32_t*)ft, n, shift, mask, block, sym, block_words, words, block_off, nthreads);
-  else encode_t<uint64_t>((const uint64_t*)base, (const uint64_t*)ft, n, shift, mask, block, sym, block_words, words, block_off, nthreads);
+// Symbols, raw bits and symbol counts in one pass. `words` needs nblocks * (ceil(block * W / 64) + 1) words of room;
+// returns the number of words used (blocks concatenated, each starting on a fresh word). counts[256] is accumulated.
+int64_t fmd_encode(const void* base, const void* ft, int64_t n, int width, int shift, uint64_t mask, int64_t block,
+                   uint8_t* sym, uint32_t* block_words, uint64_t* words, int64_t* counts, int nthreads) {
+  if (width == 2) return encode_t<uint16_t>((const uint16_t*)base, (const uint16_t*)ft, n, shift, mask, block, sym, block_words, words, counts, nthreads);
+  if (width == 4) return encode_t<uint32_t>((const uint32_t*)base, (const uint32_t*)ft, n, shift, mask, block, sym, block_words, words, counts, nthreads);
+  return encode_t<uint64_t>((const uint64_t*)base, (const uint64_t*)ft, n, shift, mask, block, sym, block_words, words, counts, nthreads);
 }
 
 // 0 ok; 1 symbol out of range; 2 raw-bit stream length mismatch (corrupt payload)
 int fmd_decode(const void* base, const uint8_t* sym, int64_t n, int width, int shift, uint64_t mask, int64_t block,
-               const uint64_t* words, const int64_t* block_off, const uint32_t* block_words, void* out, int nthreads) {
-  if (width == 2) return decode_t<uint16_t>((const uint16_t*)base, sym, n, shift, mask, block, words, block_off, block_words, (uint16_t*)out, nthreads);
-  if (width == 4) return decode_t<uint32_t>((const uint32_t*)base, sym, n, shift, mask, block, words, block_off, block_words, (uint32_t*)out, nthreads);
-  return decode_t<uint64_t>((const uint64_t*)base, sym, n, shift, mask, block, words, block_off, block_words, (uint64_t*)out, nthreads);
+               const void* words, const int64_t* block_off, const uint32_t* block_words, void* out, int nthreads) {
+  if (width == 2) return decode_t<uint16_t>((const uint16_t*)base, sym, n, shift, mask, block, (const unsigned char*)words, block_off, block_words, (uint16_t*)out, nthreads);
+  if (width == 4) return decode_t<uint32_t>((const uint32_t*)base, sym, n, shift, mask, block, (const unsigned char*)words, block_off, block_words, (uint32_t*)out, nthreads);
+  return decode_t<uint64_t>((const uint64_t*)base, sym, n, shift, mask, block, (const unsigned char*)words, block_off, block_words, (uint64_t*)out, nthreads);
 }
 
 }  // extern "C"
