@@ -9,6 +9,7 @@ table (markdown).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -50,13 +51,13 @@ def one_run(method: str, storage: str, seed: int, args: argparse.Namespace, out_
             f"trainer.val_check_interval={args.steps}", f"data.tasks={args.task}", f"data.n_test={args.n_test}",
             "data.n_val=16", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "eval.before=false", "print_summary=false",
-            "trainer.log_every_n_steps=1", f"paths.output_dir={out_dir}/{method}-{storage}-{seed}",
+            "trainer.log_every_n_steps=1", f"paths.output_dir={out_dir}/{method}-{storage}-{seed}", *args.override,
         ])
         res = train.run(cfg)
     finally:
         train.make_callbacks = original
     return {"loss": rec.loss, "grad": rec.grad, "acc": res["after"]["test/acc"], "test_loss": res["after"]["test/loss"],
-            "trainable": res["trainable_params"]}
+            "trainable": res["trainable_params"], "before": (res.get("before") or {}).get("test/acc")}
 
 
 def smooth(x: list[float], k: int = 5) -> list[float]:
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run (e.g. smoke tests)")
     args = ap.parse_args()
     name = "qpissa_vs_qlora" if args.quantized else "pissa_vs_lora"
     out = Path(args.out or f"experiments/results/{name}.md")
@@ -127,10 +129,11 @@ def main() -> None:
                 results[label].append(one_run(method, storage, seed, args, tmp))
                 print(f"{label} seed {seed}: acc {results[label][-1]['acc']:.3f}", flush=True)
     title = "QLoRA vs LoftQ vs QPiSSA (NF4 base)" if args.quantized else "PiSSA vs LoRA"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}))  # raw curves
     png = out.with_suffix(".png")
     plot(results, png, title)
     text = table(results, args, title, str(png))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
 
