@@ -41,7 +41,7 @@ class Variant:
 
 
 def versions() -> str:
-    names = ["torch", "transformers", "peft", "bitsandbytes", "lightning", "triton"]
+    names = ["torch", "transformers", "peft", "bitsandbytes", "lightning", "pytorch-lightning", "triton"]
     found = []
     for n in names:
         try:
@@ -56,17 +56,22 @@ def device_name(device: torch.device) -> str:
 
 
 def make_checkpoint(arch: dict, out: Path) -> Path:
-    """Random-weight Llama checkpoint (bf16) on disk, so every variant loads the same weights its own way."""
+    """Random-weight Llama checkpoint (bf16) on disk, so every variant loads the same weights its own way.
+    The weights are drawn on the GPU when there is one (an 8B model's 16 GB take minutes on the CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    where = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**arch, torch_dtype="bfloat16"))
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device=where).to(torch.bfloat16)
     for p in model.parameters():  # scaled-normal init; norms at 1
         with torch.no_grad():
             p.copy_(torch.ones_like(p) if p.dim() == 1 else torch.randn_like(p) * 0.02)
     model.save_pretrained(out)
+    del model
+    if where == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -78,8 +83,9 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def ours(adapter: str, storage: str, loss: str, rank: int) -> Variant:
-    """Our stack from the config tree: adapter/storage/loss groups, exactly what `framework.train` would build."""
+def ours(adapter: str, storage: str, loss: str, rank: int, extra: tuple[str, ...] = ()) -> Variant:
+    """Our stack from the config tree: adapter/storage/loss groups (+ `extra` overrides, e.g.
+    `storage.mantissa_bits=3`), exactly what `framework.train` would build."""
 
     def build(ckpt: Path, device: torch.device):
         from transformers import AutoModelForCausalLM
@@ -91,13 +97,14 @@ def ours(adapter: str, storage: str, loss: str, rank: int) -> Variant:
 
         cfg = compose("train", [f"adapter={adapter}", f"storage={storage}", f"loss={loss}", "paths.output_dir=/tmp/x",
                                 *([f"adapter.rank={rank}"] if adapter != "none" else []),
-                                *(["adapter.niter=4"] if adapter == "pissa" else [])])  # randomized SVD init
+                                *(["adapter.niter=4"] if adapter == "pissa" else []), *extra])  # randomized SVD init
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to(device)
         model = apply_storage(apply_adapter(model, cfg.adapter, storage=cfg.storage), cfg.storage)
         for p in model.parameters():  # trainable adapter factors in fp32 (AdamW master weights)
             if p.requires_grad:
                 p.data = p.data.float()
         enable_checkpointing(model)
+        model.train()  # HF checkpoints layers only in training mode (from_pretrained returns eval mode)
         loss_fn = build_cfg(cfg.loss)
 
         def step_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ def ours(adapter: str, storage: str, loss: str, rank: int) -> Variant:
 
         return model, step_loss
 
-    return Variant(f"ours: {adapter}+{storage}+{loss}", build)
+    return Variant(f"ours: {adapter}+{storage}+{loss}" + "".join(f" {e}" for e in extra), build)
 
 
 def peer(quantized: bool, rank: int) -> Variant:
@@ -131,6 +138,7 @@ def peer(quantized: bool, rank: int) -> Variant:
             enable_checkpointing(model)
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, lora_dropout=0.0))
+        model.train()
 
         def step_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -195,16 +203,23 @@ def fits(built: Built, device: torch.device, seq: int, vocab: int) -> bool:
 
 
 def longest(built: Built, device: torch.device, start: int, vocab: int, step: int = 4096,
-            limit: int = 131072) -> int:
-    """Longest sequence (a multiple of `step`) that trains one step without running out of memory."""
+            limit: int = 131072, budget_s: float = float("inf")) -> str:
+    """Longest sequence (a multiple of `step`, up to `limit`) that trains one step without running out of memory.
+    Doubling, then bisection; when `budget_s` runs out the answer so far is returned as a bound ('>= N')."""
+    t_end = time.perf_counter() + budget_s
     lo, hi = 0, start
     while hi <= limit and fits(built, device, hi, vocab):
         lo, hi = hi, hi * 2
-    hi = min(hi, limit + step)
+        if time.perf_counter() > t_end:
+            return f">= {lo}"
+    if hi > limit:
+        return f">= {lo} (limit)"
     while hi - lo > step:
+        if time.perf_counter() > t_end:
+            return f"{lo}-{hi - step}"
         mid = (lo + hi) // 2 // step * step
         lo, hi = (mid, hi) if fits(built, device, mid, vocab) else (lo, mid)
-    return lo
+    return str(lo)
 
 
 def table(rows: list[tuple[str, dict]], device: torch.device, title: str, notes: str) -> str:
@@ -226,6 +241,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-longest", action="store_true", help="skip the longest-sequence search")
+    ap.add_argument("--longest-budget", type=float, default=float("inf"), help="seconds per variant for the search")
+    ap.add_argument("--longest-limit", type=int, default=131072)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, unquantized peer: checks the script runs")
     ap.add_argument("--out", default=str(RESULTS / "headline.md"))
     args = ap.parse_args(argv)
@@ -235,27 +252,39 @@ def main(argv: list[str] | None = None) -> str:
     arch = SMOKE if args.smoke else LLAMA3_8B
     seq = 128 if args.smoke else args.seq_len
     variants = [ours("pissa", "nf4", "cce", args.rank), peer(quantized=not args.smoke, rank=args.rank)]
-    rows = []
+    shape = "smoke-test shapes (not a result)" if args.smoke else "Llama-3-8B shape (random weights, vocab 128256)"
+    notes = (f"{shape}; seq {seq}, micro-batch 1, activation checkpointing, rank {args.rank}, AdamW; peak = max "
+             f"allocated during {args.steps} training steps; tokens/s over the last {args.steps - args.warmup}; "
+             f"longest seq: one training step without OOM, multiples of 4096 up to {args.longest_limit}. "
+             "Target: peak <= 0.6x peer at >= 1.0x its tokens/s.")
+    rows: list[tuple[str, dict]] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md_text = ""
+
+    def write() -> None:  # after every variant, so a time-out keeps what was measured
+        nonlocal md_text
+        md_text = table(rows, device, "Headline: QPiSSA + CCE vs peft QLoRA + HF cross-entropy", notes)
+        out.write_text(md_text)
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(arch, Path(tmp) / "llama")
         for v in variants:
+            t0 = time.perf_counter()
             built = v.build(ckpt, device)
+            t_build = time.perf_counter() - t0
             r = measure(built, device, seq, args.steps, args.warmup, arch["vocab_size"])
+            r["build_s"] = t_build
+            rows.append((v.name, r))
+            write()
             if not args.no_longest and device.type == "cuda":
-                r["longest"] = longest(built, device, seq, arch["vocab_size"])
+                r["longest"] = longest(built, device, seq, arch["vocab_size"], limit=args.longest_limit,
+                                       budget_s=args.longest_budget)
+                write()
             del built
             free(device)
-            rows.append((v.name, r))
             print(v.name, r, flush=True)
-    shape = "smoke-test shapes (not a result)" if args.smoke else "Llama-3-8B shape (random weights, vocab 128256)"
-    md_text = table(rows, device, "Headline: QPiSSA + CCE vs peft QLoRA + HF cross-entropy",
-                    f"{shape}; seq {seq}, micro-batch 1, activation checkpointing, rank {args.rank}, AdamW; "
-                    f"peak = max allocated during {args.steps} training steps; tokens/s over the last "
-                    f"{args.steps - args.warmup}. Target: peak <= 0.6x peer at >= 1.0x its tokens/s.")
     print(md_text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md_text)
     return md_text
 
 
