@@ -102,7 +102,11 @@ def test_gpu_prefetch_mlp_bit_exact():
 
     y_ref, g_ref = step(*ws)
     pf.PREFETCH.reset()
-    for _ in range(3):  # the first step learns the order; later ones prefetch
-        y, gx = step(*zs)
-        assert torch.equal(y, y_ref) and torch.equal(gx, g_ref)
+    was, pf.ENABLED = pf.ENABLED, True
+    try:
+        for _ in range(3):  # the first step learns the order; later ones prefetch
+            y, gx = step(*zs)
+            assert torch.equal(y, y_ref) and torch.equal(gx, g_ref)
+    finally:
+        pf.ENABLED = was
     assert pf.PREFETCH.hits >= 4

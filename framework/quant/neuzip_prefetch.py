@@ -11,6 +11,7 @@ Autograd saves only the NeuZipTensor (the compressed form); the dense weight is 
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -19,7 +20,10 @@ import torch.nn.functional as F
 
 from framework.quant.neuzip import NeuZipTensor, _Store, decode_store
 
-ENABLED = True  # module switch, e.g. for A/B timing in experiments/neuzip_speed.py
+# Off by default: on an H200 (experiments/results/neuzip_speed.md, Llama-3-8B MLP block, 4096 tokens) the side-stream
+# decode competes with the matmul for SMs and the block took 1.56x dense with it vs 1.40x without. Set
+# MEMFIT_NEUZIP_PREFETCH=1 (or this flag) to try it on other shapes.
+ENABLED = os.environ.get("MEMFIT_NEUZIP_PREFETCH", "0") == "1"
 
 
 class Prefetcher:
