@@ -50,6 +50,14 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):
             names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise TypeError(f"{key}={value!r} has the wrong type: expected {names}")
+    if OmegaConf.select(cfg, "storage.train_compressed", default=False):
+        if cfg.adapter.get("name") != "none":
+            raise ValueError("storage.train_compressed=true is full fine-tuning with compressed weights: it needs "
+                             f"adapter=none, got adapter={cfg.adapter.get('name')}")
+        if int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) != 1 or cfg.trainer.get("gradient_clip_val"):
+            raise ValueError("storage.train_compressed=true updates each weight inside backward: it cannot "
+                             "accumulate gradients (trainer.accumulate_grad_batches=1) or clip them "
+                             "(trainer.gradient_clip_val=null)")
     check_choice("trainer.precision", str(cfg.trainer.get("precision", "32-true")),
                  ["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
 

@@ -46,11 +46,14 @@ class _Store:
     fsdp_pad_to: int | None = None  # words every rank's all-gather input is padded to (set by a dim-0 split)
     spl: int = SYMBOLS_PER_LANE  # symbols per rANS lane used when (re)compressing
     version: int = 0
+    trainer: Any = None  # InBackwardOptimizer when the weight is trained compressed (neuzip_train), else frozen
+    name: str | None = None  # parameter name, for the trainer's state
 
     def moved(self, device: torch.device | str) -> _Store:
         sc = None if self.scales is None else self.scales.to(device)
         enc = self.enc if self.packed.device == torch.device(device) else self.enc.to(device)
-        return _Store(enc, self.packed.to(device), sc, self.mantissa_bits, self.block, self.fsdp_pad_to, self.spl)
+        return _Store(enc, self.packed.to(device), sc, self.mantissa_bits, self.block, self.fsdp_pad_to, self.spl,
+                      trainer=self.trainer, name=self.name)
 
 
 def _store_prop(name: str) -> property:
@@ -235,6 +238,11 @@ def _rebuild(buf: torch.Tensor, device: str) -> NeuZipTensor:
     return NeuZipTensor.from_bytes(buf.numpy().tobytes(), device)
 
 
+# Lightning loads checkpoints with weights_only=True: allow the rebuild of the compressed form (it only parses and
+# checksums bytes; from_bytes rejects anything malformed)
+torch.serialization.add_safe_globals([_rebuild])
+
+
 def decode_store(s: _Store, dtype: torch.dtype, n: int, *, out: torch.Tensor | None = None,
                  use_triton: bool | None = None) -> torch.Tensor:
     """Flat dense (n,) of `dtype` from a compressed store, written into `out` (contiguous, n elements) if given.
@@ -296,13 +304,18 @@ def shard_rows(w: torch.Tensor, world: int, mantissa_bits: int | None = None, **
 
 
 def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
-    """Replace frozen Linear (and optionally Embedding / lm_head) weights by NeuZipTensors, in place."""
+    """Replace frozen Linear (and optionally Embedding / lm_head) weights by NeuZipTensors, in place; with
+    `train_compressed` also the trainable Linear weights, updated inside backward (framework/quant/neuzip_train.py)."""
     k = cfg.get("mantissa_bits", None)
     if cfg.get("name") == "neuzip_lossy" and k not in (0, 1, 3):
         raise ValueError(f"storage=neuzip_lossy needs mantissa_bits in [0, 1, 3], got {k}")
     block = cfg.get("block_size", None)
     include_embeddings = bool(cfg.get("include_embeddings", False))
     min_numel = int(cfg.get("min_numel", 4096))
+    if cfg.get("train_compressed", False):  # full fine-tuning with the trained Linear weights compressed
+        from framework.quant.neuzip_train import apply_trainable_neuzip
+
+        apply_trainable_neuzip(model, cfg)
     for name, mod in model.named_modules():
         is_lin = isinstance(mod, nn.Linear)
         is_emb = isinstance(mod, nn.Embedding) or name.endswith("lm_head")

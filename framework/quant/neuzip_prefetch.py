@@ -111,6 +111,10 @@ class _NeuZipLinear(torch.autograd.Function):
 
 def neuzip_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a NeuZip weight; honours autocast (computes in the autocast dtype when it is on)."""
+    if w._s.trainer is not None:  # trained compressed (full fine-tuning): the update happens in backward
+        from framework.quant.neuzip_train import trained_linear
+
+        return trained_linear(x, w, bias)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
         bias = None if bias is None else bias.to(x.dtype)
