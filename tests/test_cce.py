@@ -9,8 +9,8 @@ import itertools
 
 import pytest
 import torch
-from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
 
+from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
 from kernels.cce import linear_cross_entropy  # after cce_common has set TRITON_INTERPRET
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

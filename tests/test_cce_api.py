@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cce_common import make_inputs, reference
 
+from cce_common import make_inputs, reference
 from kernels.cce import linear_cross_entropy
 
 

@@ -9,6 +9,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from cce_common import make_inputs, reference, run_with_grads
 
 N, V, D = 20, 131, 16  # V odd: the two vocabulary slices have different sizes

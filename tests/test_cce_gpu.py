@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
 
+from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
 from kernels.cce import linear_cross_entropy
 
 pytestmark = pytest.mark.gpu

@@ -3,11 +3,8 @@ dequantize (reference and Triton interpreter), odd shapes, state_dict round trip
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from framework.quant import NF4Tensor
 from framework.quant.nf4_double import DQ_BLOCK, dequantize_absmax, dynamic_map_values, quantize_absmax
+from interp import interpreted
 from kernels.nf4 import (
     NF4_CODE,
     dequantize_nf4_reference,
@@ -177,21 +175,7 @@ def test_double_quant_tensor_dequantizes_with_decoded_scales():
 
 
 def _interpreted_kernels():
-    """A fresh copy of kernels/nf4.py compiled under TRITON_INTERPRET=1 (Triton code run on the CPU)."""
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_nf4_interp", ROOT / "kernels" / "nf4.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["_nf4_interp"] = mod
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
+    return interpreted("nf4.py")
 
 
 @pytest.mark.parametrize("shape,block_size", [((16, 64), 64), ((7, 37), 64), ((3, 256), 128), ((9,), 32)])

@@ -4,9 +4,6 @@ and the dispatch in `F.linear` (pure-torch twin on CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 
 from framework.quant import NF4Tensor
 from framework.quant.nf4_double import dynamic_code
+from interp import interpreted
 from kernels.nf4 import NF4_CODE, unpack_nibbles
 from kernels.nf4_matmul import candidate_configs, nf4_matmul_reference
 
@@ -30,21 +28,6 @@ def dense_f64(q: NF4Tensor) -> torch.Tensor:
     return w.to(q.dtype).double().reshape(q.shape)
 
 
-def interpreted():
-    pytest.importorskip("triton")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("_nf4_mm_interp", ROOT / "kernels" / "nf4_matmul.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["_nf4_mm_interp"] = mod
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return mod
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,7 +39,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("m,n,k,block_size", [(1, 48, 96, 64), (5, 40, 70, 32), (17, 32, 64, 64)])
 def test_interpreted_kernel_matches_float64(trans, double_quant, split, m, n, k, block_size):
-    mod = interpreted()
+    mod = interpreted("nf4_matmul.py")
     g = torch.Generator().manual_seed(m * 1000 + n + k + split)
     q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), block_size, double_quant=double_quant)
     a = torch.randn(m, n if trans else k, generator=g).to(torch.bfloat16)
@@ -76,7 +59,7 @@ def test_interpreted_kernel_matches_float64(trans, double_quant, split, m, n, k,
 
 
 def test_interpreted_kernel_strided_input_and_fp16():
-    mod = interpreted()
+    mod = interpreted("nf4_matmul.py")
     g = torch.Generator().manual_seed(7)
     q = NF4Tensor.from_dense(torch.randn(32, 64, generator=g).half())
     a = torch.randn(64, 3, generator=g).half().t()  # non-contiguous rows
