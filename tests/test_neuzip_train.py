@@ -33,14 +33,14 @@ def storage(**kw) -> OmegaConf:
     return OmegaConf.create({"name": "neuzip", "mantissa_bits": None, "block_size": None, "min_numel": 0, **kw})
 
 
-def train(model: nn.Module, make_opt, steps: int, compressed: bool) -> list[float]:
+def train(model: nn.Module, make_opt, steps: int, compressed: bool, device: str = "cpu") -> list[float]:
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
     if compressed:
         model.neuzip_optimizer.bind(opt)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        x, y = torch.randn(16, 48, generator=gen), torch.randn(16, 40, generator=gen)
+        x, y = torch.randn(16, 48, generator=gen).to(device), torch.randn(16, 40, generator=gen).to(device)
         if compressed:
             model.neuzip_optimizer.begin_step()
         loss = (model(x) - y).square().mean()
@@ -57,6 +57,8 @@ def test_in_backward_update_equals_torch_optimizer(name):
     ours = apply_trainable_neuzip(copy.deepcopy(ref), storage())
     assert isinstance(ours[0].weight, NeuZipTensor) and not ours[0].weight.requires_grad
     assert ours[0].bias.requires_grad  # small dense parameters stay with the ordinary optimizer
+    moved = ours[0].weight._s.moved("cpu")  # what .to(device) builds: the trainer link must survive it
+    assert moved.trainer is ours.neuzip_optimizer and moved.name == "0.weight"
     l_ref = train(ref, OPTIMIZERS[name], 4, compressed=False)
     l_ours = train(ours, OPTIMIZERS[name], 4, compressed=True)
     torch.testing.assert_close(torch.tensor(l_ours), torch.tensor(l_ref), rtol=1e-6, atol=1e-7)
@@ -65,6 +67,20 @@ def test_in_backward_update_equals_torch_optimizer(name):
         assert isinstance(w, NeuZipTensor) and w.compressed_nbytes < w.numel() * 4  # still compressed
         torch.testing.assert_close(w.dequantize(), ref[i].weight.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[0].bias.detach(), ref[0].bias.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sgd_momentum_wd", "adamw"])
+def test_gpu_in_backward_update_equals_torch_optimizer(name):
+    """The same on CUDA: fused Triton decode in forward/backward, re-compression on the device."""
+    ref = mlp().cuda()
+    ours = apply_trainable_neuzip(copy.deepcopy(ref), storage())
+    assert ours[0].weight.device.type == "cuda"
+    l_ref = train(ref, OPTIMIZERS[name], 4, compressed=False, device="cuda")
+    l_ours = train(ours, OPTIMIZERS[name], 4, compressed=True, device="cuda")
+    torch.testing.assert_close(torch.tensor(l_ours), torch.tensor(l_ref), rtol=1e-5, atol=1e-6)
+    for i in (0, 2):
+        torch.testing.assert_close(ours[i].weight.dequantize(), ref[i].weight.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_lossy_recompression_within_rounding_bound():
