@@ -1,6 +1,7 @@
 """FSDP2 sharding of NeuZip weights on CPU over gloo, 2 processes: each rank keeps its rows COMPRESSED, the
 all-gather extension moves compressed parts (padded to one size) and decodes them, and forward/backward are bit-exact
-with the unsharded model; also the ops FSDP2 uses (split, new_zeros, narrow + copy_, view) on their own."""
+with the unsharded model; 1 process too (FSDP2 then copies only the first all-gather input); also the ops FSDP2 uses
+(split, new_zeros, narrow + copy_, view) on their own."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from torch import nn
 
 from framework.quant import NeuZipTensor
 
-WORLD = 2
-
-
 def build(mantissa_bits: int | None) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8))
@@ -27,22 +25,23 @@ def build(mantissa_bits: int | None) -> nn.Module:
     return model
 
 
-def worker(rank: int, init_file: str, mantissa_bits: int | None) -> None:
+def worker(rank: int, world: int, init_file: str, mantissa_bits: int | None) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         ref = build(mantissa_bits)
         model = build(mantissa_bits)
-        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
         for lin in (model[0], model[2], model[4]):
             fully_shard(lin, mesh=mesh)
         fully_shard(model, mesh=mesh)
         local = model[0].weight.to_local()
         full = ref[0].weight
-        assert isinstance(local, NeuZipTensor) and local.shape == (128, 128)
+        n = 256 // world
+        assert isinstance(local, NeuZipTensor) and local.shape == (n, 128)
         assert local.compressed_nbytes < 0.8 * local.numel() * 2  # a compressed shard, not a dense copy
-        rows = slice(rank * 128, (rank + 1) * 128)
+        rows = slice(rank * n, (rank + 1) * n)
         assert torch.equal(local.dequantize().view(torch.int16), full.dequantize()[rows].view(torch.int16))
         for step in range(2):  # the second all-gather refills the unsharded buffer (`out=` path)
             x = torch.randn(4, 128, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
@@ -58,12 +57,12 @@ def worker(rank: int, init_file: str, mantissa_bits: int | None) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mantissa_bits", [None, 3])
-def test_fsdp2_gloo_two_process_sharding(tmp_path, mantissa_bits):
+@pytest.mark.parametrize("world,mantissa_bits", [(2, None), (2, 3), (1, None)])
+def test_fsdp2_gloo_sharding(tmp_path, world, mantissa_bits):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(worker, args=(str(tmp_path / "init"), mantissa_bits), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), mantissa_bits), nprocs=world, join=True)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

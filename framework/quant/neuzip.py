@@ -196,14 +196,23 @@ class NeuZipTensor(torch.Tensor):
 
     def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...], metadata: tuple[Any, ...],
                              param_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> Any:
-        """Decode every rank's compressed part (rows split along dim 0) straight into the dense weight."""
+        """Decode every rank's compressed part (rows split along dim 0) straight into the dense weight.
+
+        On a 1-rank mesh FSDP2 (seen with torch 2.13) skips the collective and copies only the FIRST all-gather input;
+        this shard is then the whole tensor, so its own compressed form is decoded."""
+        gather = gather_dense
+        if len(all_gather_outputs) == 1 and self.numel() == metadata[0]:
+            def gather(outputs: Any, meta: Any, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+                if out is None or not out.is_contiguous() or out.dtype != dtype:
+                    out = torch.empty(self.numel(), dtype=dtype, device=self.device)
+                return decode_store(self._s, dtype, self.numel(), out=out.detach().view(-1))
         if out is not None:  # refill the unsharded weight in place, invisible to autograd (as FSDP2's own copy-out)
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
-                dense = gather_dense(all_gather_outputs, metadata, self.dtype, out)
-                if dense is not out:
-                    out.copy_(dense)
+                dense = gather(all_gather_outputs, metadata, self.dtype, out)
+                if dense.data_ptr() != out.data_ptr():
+                    out.copy_(dense.view(out.shape))
             return None
-        dense = gather_dense(all_gather_outputs, metadata, self.dtype)
+        dense = gather(all_gather_outputs, metadata, self.dtype)
         if param_dtype is not None and param_dtype != self.dtype:
             dense = dense.to(param_dtype)
         return dense, (dense,)  # FSDP frees this storage after use (reshard) and refills it through `out`
