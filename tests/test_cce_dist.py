@@ -8,9 +8,9 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cce_common import make_inputs, reference, run_with_grads
+from spawn import spawn
 
 N, V, D = 20, 131, 16  # V odd: the two vocabulary slices have different sizes
 
@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_dtensor_weight_and_vocab_parallel_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, (2, _free_port(), str(tmp_path)), 2)
     e, c, t = make_inputs(N, V, D, "peaked", seed=1, ignore_every=3)
     opts = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}
     gt = run_with_grads(lambda e_, c_, b_: reference(e_, c_, t, **opts), e.double(), c.double())

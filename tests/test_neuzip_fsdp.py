@@ -10,10 +10,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from framework.quant import NeuZipTensor
+from spawn import spawn
+
 
 def build(mantissa_bits: int | None) -> nn.Module:
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def test_fsdp2_gloo_sharding(tmp_path, world, mantissa_bits):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), mantissa_bits), nprocs=world, join=True)
+    spawn(worker, (world, str(tmp_path / "init"), mantissa_bits), world)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from framework.quant import NF4Tensor
+from spawn import spawn
 
 WORLD = 2
 
@@ -61,7 +61,7 @@ def test_fsdp2_gloo_two_process_sharding(tmp_path, double_quant):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(worker, args=(str(tmp_path / "init"), double_quant), nprocs=WORLD, join=True)
+    spawn(worker, (str(tmp_path / "init"), double_quant), WORLD)
 
 
 def test_unaligned_shard_is_a_clear_error():

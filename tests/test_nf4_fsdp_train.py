@@ -14,11 +14,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from framework.quant import NF4Tensor
+from spawn import spawn
 
 BATCH, STEPS, LR = 8, 2, 0.5
 BF16 = torch.bfloat16
@@ -111,4 +111,4 @@ def test_fsdp2_bf16_training_through_nf4_matches_unsharded(tmp_path, world, doub
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), double_quant), nprocs=world, join=True)
+    spawn(worker, (world, str(tmp_path / "init"), double_quant), world)
