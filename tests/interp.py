@@ -24,9 +24,9 @@ def interpreted(filename: str) -> ModuleType:
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
-    finally:
+    finally:  # put back what was there: other tests (cce_common) may rely on a session-wide "1"
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
-        else:
+        elif old != "1":
             os.environ["TRITON_INTERPRET"] = old
     return mod
