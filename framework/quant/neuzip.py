@@ -199,23 +199,27 @@ class NeuZipTensor(torch.Tensor):
         """Decode every rank's compressed part (rows split along dim 0) straight into the dense weight.
 
         On a 1-rank mesh FSDP2 (seen with torch 2.13) skips the collective and copies only the FIRST all-gather input;
-        this shard is then the whole tensor, so its own compressed form is decoded."""
-        gather = gather_dense
-        if len(all_gather_outputs) == 1 and self.numel() == metadata[0]:
-            def gather(outputs: Any, meta: Any, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-                if out is None or not out.is_contiguous() or out.dtype != dtype:
-                    out = torch.empty(self.numel(), dtype=dtype, device=self.device)
-                return decode_store(self._s, dtype, self.numel(), out=out.detach().view(-1))
+        this shard is then the whole tensor, so its own compressed form is decoded (`_gather`)."""
         if out is not None:  # refill the unsharded weight in place, invisible to autograd (as FSDP2's own copy-out)
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
-                dense = gather(all_gather_outputs, metadata, self.dtype, out)
-                if dense.data_ptr() != out.data_ptr():
+                dense = self._gather(all_gather_outputs, metadata, out)
+                if dense is not out:
                     out.copy_(dense.view(out.shape))
             return None
-        dense = gather(all_gather_outputs, metadata, self.dtype)
+        dense = self._gather(all_gather_outputs, metadata)
         if param_dtype is not None and param_dtype != self.dtype:
             dense = dense.to(param_dtype)
         return dense, (dense,)  # FSDP frees this storage after use (reshard) and refills it through `out`
+
+    def _gather(self, outputs: tuple[torch.Tensor, ...], metadata: tuple[Any, ...],
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight from the all-gather outputs, or from this shard alone on FSDP2's 1-rank shortcut."""
+        if len(outputs) > 1 or self.numel() != metadata[0]:
+            return gather_dense(outputs, metadata, self.dtype, out)
+        if out is None or not out.is_contiguous() or out.dtype != self.dtype:
+            out = torch.empty(self.numel(), dtype=self.dtype, device=self.device)
+        decode_store(self._s, self.dtype, self.numel(), out=out.detach().view(-1))
+        return out
 
     # ---- torch integration ---------------------------------------------------------------------------------------
     @classmethod

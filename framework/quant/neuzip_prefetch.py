@@ -110,12 +110,13 @@ class _NeuZipLinear(torch.autograd.Function):
 
 
 def neuzip_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a NeuZip weight; honours autocast (computes in the autocast dtype when it is on)."""
-    if w._s.trainer is not None:  # trained compressed (full fine-tuning): the update happens in backward
-        from framework.quant.neuzip_train import trained_linear
-
-        return trained_linear(x, w, bias)
+    """F.linear for a NeuZip weight; honours autocast (computes in the autocast dtype when it is on). A weight trained
+    compressed (`w._s.trainer`, framework/quant/neuzip_train.py) is updated inside its backward."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
         bias = None if bias is None else bias.to(x.dtype)
+    if w._s.trainer is not None and torch.is_grad_enabled():
+        from framework.quant.neuzip_train import trained_linear
+
+        return trained_linear(x, w, bias)
     return _NeuZipLinear.apply(x, w, bias)

@@ -129,13 +129,7 @@ class _TrainedNeuZipLinear(torch.autograd.Function):
 
 
 def trained_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear for a NeuZip weight trained in backward (`w._s.trainer` set); a plain decode when grad is off."""
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-        bias = None if bias is None else bias.to(x.dtype)
-    if not torch.is_grad_enabled():
-        with torch._C.DisableTorchFunctionSubclass():
-            return F.linear(x, w.dequantize().to(x.dtype), bias)
+    """F.linear for a weight trained in backward (called by neuzip_linear with autocast already applied)."""
     return _TrainedNeuZipLinear.apply(x, _ANCHOR, w, bias, w._s.trainer)
 
 
