@@ -216,7 +216,9 @@ def test_signalled_job_requeues_and_resumes_same_losses(slurm_cluster, jobs):
             time.sleep(0.2)
         slurm_cluster.run("scancel", f"--signal={sig}", cut)
         slurm_cluster.wait(cut, ("PENDING",), restarts=restart, timeout=120)
-        slurm_cluster.run("scontrol", "update", f"JobId={cut}", "StartTime=now")  # Slurm delays requeued starts
+        # Slurm delays requeued starts; shorten that, but not to 0: slurmd rejects ("credential revoked") a restart
+        # within the second its previous run was killed in
+        slurm_cluster.run("scontrol", "update", f"JobId={cut}", "StartTime=now+3")
     info = slurm_cluster.wait(cut, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     log = (run_dir / f"slurm-{cut}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-3000:]
