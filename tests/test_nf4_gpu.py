@@ -62,7 +62,8 @@ def test_nf4_model_generation_on_cuda():
 
 
 @pytest.mark.parametrize("n,k,m,double_quant", [(4096, 14336, 1, False), (4096, 14336, 33, False),
-                                                 (1000, 38, 5, True), (1000, 38, 33, True)])
+                                                 (1000, 38, 5, True), (1000, 38, 33, True), (384, 640, 1, True),
+                                                 (384, 640, 7, True)])
 def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
     """Fused dequant-GEMM (both directions, split-K and not) vs a float64 product on the dequantized weight."""
     from framework.quant.nf4_double import dynamic_code
@@ -74,7 +75,12 @@ def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
     for trans in (False, True):
         a = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
         ref = a.double() @ wd if trans else a.double() @ wd.t()
-        for cfg in (MMConfig(64, 128, 1), MMConfig(32, 64, 8)):
+        cfgs = [MMConfig(64, 128, 1), MMConfig(32, 64, 8)]
+        if k % 64 == 0:  # one scale load per block: the blocked tl.dot variant, and the tensor-core-free kernels
+            cfgs += [MMConfig(64, 128, 1, blocked=True), MMConfig(32, 64, 4, 8, blocked=True)]
+            if m <= (1 if trans else 16):
+                cfgs += [MMConfig(8, 256, 1, gemv=True), MMConfig(32, 64, 4, gemv=True)]
+        for cfg in cfgs:
             outs = []
             for _ in range(2):  # the second call runs on the tile counters the first one must have reset
                 out = torch.full_like(ref, float("nan"), dtype=torch.bfloat16)  # poison the allocator's next block

@@ -89,3 +89,45 @@ def test_linear_no_grad_and_grad_paths_agree_on_cpu():
     y1 = F.linear(xg, q)
     assert y1.requires_grad and torch.equal(y0, y1.detach())
     assert rel_err(y0, x.double() @ dense_f64(q).t()) < 1e-2
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("kind,m,n,k,block_size,trans", [
+    (kind, *shape) for kind in ("gemv", "blocked")
+    for shape in ((1, 48, 128, 64, False), (5, 40, 96, 32, False), (16, 24, 64, 64, False), (1, 40, 128, 64, True),
+                  (1, 37, 96, 32, True), (6, 40, 128, 64, True))
+    if not (kind == "gemv" and shape[-1] and shape[0] > 1)])  # the transposed GEMV serves one row (gemv_ok)
+def test_interpreted_block_tiled_kernels_match_float64(double_quant, split, kind, m, n, k, block_size, trans):
+    """The kernels that load one scale per block ([rows, blocks, bytes] tiles): the tensor-core-free GEMV (forward
+    few rows, backward one row) and the tl.dot kernel in its blocked variant, against the same float64 product."""
+    mod = interpreted("nf4_matmul.py")
+    g = torch.Generator().manual_seed(m * 100 + n + k + split)
+    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), block_size, double_quant=double_quant)
+    a = torch.randn(m, n if trans else k, generator=g).to(torch.bfloat16)
+    w64 = dense_f64(q)
+    ref = a.double() @ w64 if trans else a.double() @ w64.t()
+    cfg = mod.MMConfig(tn=16 if kind == "blocked" else 8, tkb=max(16, block_size // 2), split=split, warps=1,
+                       gemv=kind == "gemv", blocked=kind == "blocked")
+    code8 = dynamic_code("cpu") if double_quant else None
+    outs = [mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, block_size, trans, code8, cfg)
+            for _ in range(2)]
+    assert outs[0].shape == ref.shape and rel_err(outs[0], ref) < 1e-2
+    assert torch.equal(outs[0], outs[1])
+    if split > 1:
+        assert not mod._WS[torch.device("cpu")][1].any()
+
+
+def test_block_tiled_configs_reject_shapes_they_cannot_serve():
+    mod = interpreted("nf4_matmul.py")
+    q = NF4Tensor.from_dense(torch.randn(8, 96).bfloat16())  # 96 % 64 != 0: a scale block straddles two rows
+    a = torch.randn(1, 96).bfloat16()
+    for cfg, msg in ((mod.MMConfig(tn=8, tkb=32, split=1, warps=1, gemv=True), "GEMV config"),
+                     (mod.MMConfig(tn=16, tkb=32, split=1, warps=1, blocked=True), "blocked config")):
+        with pytest.raises(ValueError, match=msg):
+            mod.nf4_matmul(a, q.packed, q.scale_tensors(), None, 8, 96, 64, False, None, cfg)
+    assert not any(c.gemv or c.blocked for c in candidate_configs(4096, 96, False, 132, m=1))
+    assert any(c.gemv for c in candidate_configs(4096, 4096, False, 132, m=16))
+    assert any(c.gemv for c in candidate_configs(4096, 4096, True, 132, m=1))
+    assert not any(c.gemv for c in candidate_configs(4096, 4096, True, 132, m=2))
+    assert any(c.blocked for c in candidate_configs(4096, 4096, True, 132, m=2))
