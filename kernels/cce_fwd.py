@@ -32,7 +32,8 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
                 N, V, D, stride_e, stride_c, tiles_per_split, softcap,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUMZ: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr,
+                TARGET: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,7 +45,7 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
     l_i = tl.zeros((BLOCK_N,), tl.float32)
     t_i = tl.zeros((BLOCK_N,), tl.float32)
     s_i = tl.zeros((BLOCK_N,), tl.float32)
-    for t in range(0, tiles_per_split):
+    for t in tl.range(0, tiles_per_split, flatten=FLATTEN):  # FLATTEN: one pipelined loop over (tile, d)
         v0 = (pid_s * tiles_per_split + t).to(tl.int64) * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
@@ -59,7 +60,8 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
             acc += tl.load(Bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
             acc = softcap * _tanh(acc / softcap)
-        t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
+        if TARGET:  # else the target logits come from `_target_kernel` (a gather-dot: no per-tile compare)
+            t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
         if SUMZ:
             s_i += tl.sum(tl.where(mask_v[None, :], acc, 0.0), axis=1)
         acc = tl.where(mask_v[None, :], acc, -float("inf"))
@@ -70,13 +72,38 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), -float("inf"))
     out = pid_s.to(tl.int64) * N + rows
     tl.store(LsePart + out, lse, mask=mask_n)
-    tl.store(TPart + out, t_i, mask=mask_n)
+    if TARGET:
+        tl.store(TPart + out, t_i, mask=mask_n)
     if SUMZ:
         tl.store(SPart + out, s_i, mask=mask_n)
 
 
-def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): small tiles for the interpreter, Hopper-sized on GPU."""
+@triton.jit
+def _target_kernel(E, C, Bias, Tgt, Out, N, V, D, stride_e, stride_c, softcap,
+                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Target logit per row, e_i . c_{t_i} (+ bias, softcap) in fp32; 0 where t_i is outside [0, V) (ignored)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < N
+    tgt = tl.load(Tgt + rows, mask=mask_r, other=-1)
+    ok = mask_r & (tgt >= 0) & (tgt < V)
+    tg = tl.where(ok, tgt, 0).to(tl.int64)
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        m = ok[:, None] & (dd < D)[None, :]
+        e = tl.load(E + rows[:, None] * stride_e + dd[None, :], mask=m, other=0.0).to(tl.float32)
+        c = tl.load(C + tg[:, None] * stride_c + dd[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(e * c, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(Bias + tg, mask=ok, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    tl.store(Out + rows, tl.where(ok, acc, 0.0), mask=mask_r)
+
+
+def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages[, flatten]): small tiles for the interpreter, Hopper-sized on
+    GPU."""
     if device.type != "cuda":
         return 16, 32, 16, 4, 1
     if dtype == torch.float32:
@@ -84,21 +111,65 @@ def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) ->
     return 128, 256, 64, 8, 3
 
 
+# forward tile candidates timed on first use per shape (16-bit inputs on CUDA): (BLOCK_N, BLOCK_V, BLOCK_D, warps,
+# stages); the fastest differ by GPU and by a few percent run to run (experiments/cce_bench.py --sweep lists more)
+CANDIDATES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 5), (128, 128, 64, 8, 4)]
+_TUNED: dict[tuple, tuple[int, ...]] = {}
+
+
+def _autotune_on() -> bool:
+    import os
+
+    return os.environ.get("CCE_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
+
+
+def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor, softcap: float | None,
+           need_sumz: bool) -> tuple[int, ...]:
+    """The fastest CANDIDATES entry for this (row bucket, V, D, dtype, options), timed once and cached."""
+    from triton.testing import do_bench
+
+    key = (triton.next_power_of_2(e.shape[0]), c.shape[0], e.shape[1], e.dtype, e.device, bias is not None,
+           bool(softcap), need_sumz)
+    if key not in _TUNED:
+        best, best_t = CANDIDATES[0], float("inf")
+        for cfg in CANDIDATES:
+            try:
+                t = do_bench(lambda cfg=cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),
+                             warmup=20, rep=100, return_mode="median")
+            except Exception:  # noqa: BLE001 - a tile that does not fit this GPU is skipped
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+def split_tiles(row_blocks: int, v_tiles: int, slots: int) -> int:
+    """Vocabulary tiles per program: the count whose launch wastes least of the last wave (programs run in waves of
+    `slots`; a wave that is a third full costs as much as a full one), each program paying ~0.1 tile of overhead."""
+    def cost(t: int) -> float:
+        return -(-row_blocks * -(-v_tiles // t) // slots) * (t + 0.1)
+
+    return min(range(1, v_tiles + 1), key=lambda t: (cost(t), -t))
+
+
 def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
                  softcap: float | None, need_sumz: bool,
-                 config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 config: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of `cce_reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
     n, d = e.shape
     v = c.shape[0]
-    bn, bv, bd, warps, stages = config or _config(n, v, d, e.dtype, e.device)
+    if config is None and e.is_cuda and e.dtype != torch.float32 and _autotune_on():
+        config = _tuned(e, c, bias, tgt, softcap, need_sumz)
+    bn, bv, bd, warps, stages, *rest = config or _config(n, v, d, e.dtype, e.device)
     row_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
     sms = torch.cuda.get_device_properties(e.device).multi_processor_count if e.device.type == "cuda" else 1
-    splits = max(1, min(v_tiles, triton.cdiv(2 * sms, row_blocks)))
-    tiles_per_split = triton.cdiv(v_tiles, splits)
+    slots = sms * max(1, (227 << 10) // (stages * (bn * bd + bd * bv) * e.element_size()))
+    tiles_per_split = split_tiles(row_blocks, v_tiles, slots)
     splits = triton.cdiv(v_tiles, tiles_per_split)
     lse_p = torch.empty(splits, n, dtype=torch.float32, device=e.device)
-    t_p = torch.empty_like(lse_p)
+    t_p = lse_p  # never written (TARGET off)
     s_p = torch.empty_like(lse_p) if need_sumz else lse_p
     precision = "ieee" if e.dtype == torch.float32 else "tf32"
     _fwd_kernel[(row_blocks, splits)](
@@ -106,8 +177,13 @@ def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tg
         n, v, d, e.stride(0), c.stride(0), tiles_per_split, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), SUMZ=need_sumz, PRECISION=precision,
         UPCAST=e.device.type != "cuda",
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, FLATTEN=bool(rest and rest[0]), TARGET=False, num_warps=warps,
+        num_stages=stages,
     )
+    tlogit = torch.empty(n, dtype=torch.float32, device=e.device)
+    _target_kernel[(triton.cdiv(n, 32),)](e, c, bias if bias is not None else e, tgt, tlogit, n, v, d, e.stride(0),
+                                         c.stride(0), float(softcap or 1.0), HAS_BIAS=bias is not None,
+                                         SOFTCAP=bool(softcap), BLOCK_R=32, BLOCK_D=128)
     lse = torch.logsumexp(lse_p, dim=0) if splits > 1 else lse_p[0]
     sumz = s_p.sum(dim=0) if need_sumz else torch.zeros_like(lse)
-    return lse, t_p.sum(dim=0), sumz
+    return lse, tlogit, sumz
