@@ -142,12 +142,13 @@ class ANSEncoded:
         bitmap = np.packbits(used, bitorder="little").tobytes()
         small = self._small_counts()
         counts = self._word_counts().numpy().astype("<u2" if small else "<u4")
-        body = b"".join([
+        words = self.words.cpu().numpy()
+        body = b"".join([  # memoryviews: the join is the only copy of the (large) word stream
             bitmap,
             (f[used] - 1).astype("<u2").tobytes(),
             counts.tobytes(),
             self.final_states.cpu().numpy().astype("<u4").tobytes(),
-            self.words.cpu().numpy().astype("<i2").tobytes(),
+            memoryview(np.ascontiguousarray(words, dtype="<i2")).cast("B"),
         ])
         head = _HEADER.pack(MAGIC, VERSION, self.prob_bits, int(small), self.n, self.lanes, f.size, 0,
                             zlib.crc32(body))
@@ -239,7 +240,7 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
         if n == 0:
             freqs = torch.tensor([1 << prob_bits], dtype=torch.int32)
         else:
-            counts = torch.bincount(symbols, minlength=256).cpu() if cuda else _histogram(symbols)
+            counts = _histogram(symbols)
             last = int(torch.nonzero(counts)[-1]) + 1
             freqs = quantize_frequencies(counts[:last], prob_bits)
     freqs = _check_freqs(freqs, prob_bits)
@@ -298,6 +299,11 @@ def _cpu_backend():
 
 
 def _histogram(symbols: torch.Tensor) -> torch.Tensor:
+    """int64 (256,) counts on the CPU: Triton on CUDA (torch.bincount serialises on one hot bin), else C++."""
+    if symbols.is_cuda:
+        from kernels import ans_triton
+
+        return ans_triton.histogram(symbols).cpu()
     from kernels import ans_cpu
 
     return ans_cpu.histogram(symbols) if ans_cpu.lib() is not None else torch.bincount(symbols, minlength=256)

@@ -149,6 +149,10 @@ def test_triton_interpreter_matches_cpu_bytes():
         "        raise SystemExit('corrupt words accepted')\n"
         "    except ValueError as err:\n"
         "        assert 'does not decode' in str(err)\n"
+        "y = x.clone(); y[:700] = 255  # a skewed stream, a length that is not a multiple of the program's share\n"
+        "for n in (0, 1, 3001):\n"
+        "    h = ans_triton.histogram(y[:n], block=256, iters=3)\n"
+        "    assert torch.equal(h, torch.bincount(y[:n], minlength=256)), n\n"
         "print('OK')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -25,16 +25,18 @@ from tests.test_neuzip import _adversarial
 def bits(t):
     return t.view(codec.FORMATS[t.dtype].int_dtype)
 
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
+for dtype, pre in [(d, p) for d in (torch.bfloat16, torch.float16, torch.float32) for p in (False, True)]:
+    ans_triton.DECODE_PREFETCH = pre  # the one-step-early sign/mantissa loads
     adv = _adversarial(dtype)
     finite = adv[~torch.isnan(adv)]
     for k, block, w in ((None, None, adv), (0, None, finite), (1, None, adv), (3, None, adv), (3, 16, finite)):
         w = w[:1001]  # 1001: not a multiple of the lane count nor of 8 (partial bit-packed group)
         z = NeuZipTensor.from_dense(w, k, block=block, symbols_per_lane=37)
         got = z.dequantize(use_triton=True)
-        assert torch.equal(bits(got), bits(z.dequantize(use_triton=False))), (dtype, k, block)
+        assert torch.equal(bits(got), bits(z.dequantize(use_triton=False))), (dtype, k, block, pre)
         if k is None:
             assert torch.equal(bits(got), bits(w)), dtype
+ans_triton.DECODE_PREFETCH = False
 # the plain symbol decode through the same kernel, with the cached table, and the end-state check
 x = (torch.randn(777, generator=torch.Generator().manual_seed(0)) * 3).round().clamp(-9, 9).add(9).to(torch.uint8)
 e = ans.ans_encode(x, lanes=13)
@@ -66,7 +68,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [None, 0, 3])
-def test_gpu_fused_dequantize_no_sync(dtype, k):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gpu_fused_dequantize_no_sync(dtype, k, prefetch, monkeypatch):
+    from kernels import ans_triton
+
+    monkeypatch.setattr(ans_triton, "DECODE_PREFETCH", prefetch)
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(1000, 777, generator=g) * 0.02).to(dtype)
     z = NeuZipTensor.from_dense(w.cuda(), k)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant.neuzip import NeuZipTensor
+from framework.quant.neuzip import SYMBOLS_PER_LANE, NeuZipTensor
 
 
 class InBackwardOptimizer:
@@ -138,6 +138,7 @@ def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     one InBackwardOptimizer, `model.neuzip_optimizer`, that LMModule binds to the run's optimizer."""
     k = cfg.get("mantissa_bits", None)
     block, min_numel = cfg.get("block_size", None), int(cfg.get("min_numel", 4096))
+    spl = int(cfg.get("symbols_per_lane", SYMBOLS_PER_LANE))
     include_head = bool(cfg.get("include_embeddings", False))
     opt = InBackwardOptimizer()
     seen: set[int] = set()
@@ -151,7 +152,7 @@ def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
             raise ValueError(f"storage.train_compressed=true: {name}.weight is tied to another module's weight; "
                              "tied weights cannot be updated inside backward")
         seen.add(id(w))
-        z = NeuZipTensor.from_dense(w.data, k, block=block)
+        z = NeuZipTensor.from_dense(w.data, k, block=block, symbols_per_lane=spl)
         opt.register(f"{name}.weight", z)
         mod.weight = nn.Parameter(z, requires_grad=False)  # not the Lightning optimizer's: updated in backward
     if not opt.names:
