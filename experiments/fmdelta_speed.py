@@ -42,12 +42,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_codec(base: list, ft: list, device: str) -> dict[str, float]:
+def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dict[str, float]:
     raw = sum(t.numel() * t.element_size() for t in ft)
-    encode_delta(base[0][: 1 << 20], ft[0][: 1 << 20])  # warm-up: builds / compiles kernels
+    # warm-up on a whole tensor: compiles the kernels and lets the allocator reach its steady state
+    m, p = encode_delta(base[0], ft[0], symbols_per_lane=spl)
+    decode_delta(base[0], m, b"".join(p))
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    enc = [encode_delta(b, f) for b, f in zip(base, ft)]
+    enc = [encode_delta(b, f, symbols_per_lane=spl) for b, f in zip(base, ft)]
     sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
     blobs = [b"".join(p) for _, p in enc]
@@ -94,12 +96,33 @@ def time_zstd(base: list, ft: list, level: int = 3) -> dict[str, float]:
             "enc_cpu_MBps": raw / max(c1 - c0, 1e-9) / 1e6, "dec_cpu_MBps": raw / max(c2 - c1, 1e-9) / 1e6}
 
 
+def profile(base: torch.Tensor, ft: torch.Tensor) -> None:
+    """Where one tensor's encode + decode spends its time (CUDA kernels and host), printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    meta, parts = encode_delta(base, ft)
+    blob = b"".join(parts)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        meta, parts = encode_delta(base, ft)
+        blob = b"".join(parts)
+        torch.cuda.synchronize()
+        decode_delta(base, meta, blob)
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--tensors", type=int, default=16)
     ap.add_argument("--numel", type=int, default=1 << 24)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--spl", default="", help="cuda: comma-separated rANS symbols per lane to compare (default: "
+                    "the codec's)")
+    ap.add_argument("--profile", action="store_true", help="cuda: print the kernel time table of one tensor")
     a = ap.parse_args()
     load0 = os.getloadavg()
     base, ft = pair(a.tensors, a.numel, DTYPES[a.dtype], a.device)
@@ -109,8 +132,12 @@ def main() -> None:
         rows["FM-Delta torch reference path (1 tensor)"] = time_reference(base, ft)
         rows["zstd-3 of base XOR ft (peer)"] = time_zstd(base, ft)
     else:
+        for spl in [int(x) for x in a.spl.split(",") if x]:
+            rows[f"FM-Delta (torch + Triton), {spl} symbols per lane"] = time_codec(base, ft, "cuda", spl)
         rows["FM-Delta (torch + Triton), bf16 pair"] = time_codec(*pair(a.tensors, a.numel, torch.bfloat16, "cuda"),
                                                                    "cuda")
+        if a.profile:
+            profile(base[0], ft[0])
     dev = torch.cuda.get_device_name() if a.device == "cuda" else (platform.processor() or platform.machine())
     import triton
 

@@ -9,6 +9,7 @@ distributions onto one peak (methods.md headroom) with the same alphabet and no 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from framework.compression import fmdelta_native, fmdelta_ref
 BLOCK = 1 << 16  # elements per raw-bit block (word-aligned start)
 SEGMENT = 1 << 22  # elements per entropy-coded segment (a multiple of BLOCK)
 PROB_BITS = 12
+GPU_SEGMENT = 1 << 26  # elements per segment on CUDA: bounds the int64 temporaries (~3 GB) of the torch path
+GPU_SYMBOLS_PER_LANE = 256  # rANS lanes on CUDA (experiments/fmdelta_speed.py --spl sweeps it)
 
 
 @dataclass(frozen=True)
@@ -56,37 +59,73 @@ def _use_native(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and fmdelta_native.library() is not None
 
 
+def _use_gpu_kernels(t: torch.Tensor, block: int) -> bool:
+    from kernels import fmdelta_gpu
+
+    return t.is_cuda and block % fmdelta_gpu.CHUNK == 0
+
+
+def _symbolise(bs: torch.Tensor, fs: torch.Tensor, fmt: FloatFormat, mask: int, block: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(symbols, block_words, raw-bit words, symbol histogram or None) of one segment, by the fastest codec for
+    where the tensors live: native C++ (CPU), Triton (CUDA) or the torch reference; all give the same bytes."""
+    if _use_native(bs):
+        counts = torch.zeros(256, dtype=torch.int64)
+        return (*fmdelta_native.encode(bs, fs, fmt.exp_shift, mask, block, counts), counts)
+    if _use_gpu_kernels(bs, block):
+        from kernels import fmdelta_gpu
+
+        sym, block_words, words, counts = fmdelta_gpu.encode(bs, fs, fmt.exp_shift, mask, block)
+        return sym, block_words, words, counts.cpu()
+    return (*fmdelta_ref.encode(bs, fs, fmt.exp_shift, mask, block), None)
+
+
+def _words_on(buf: memoryview, device: torch.device) -> torch.Tensor:
+    """The raw-bit words (int64) of a payload slice on `device`; to CUDA straight from the payload, no host copy."""
+    if device.type != "cuda" or not len(buf):
+        return torch.from_numpy(np.frombuffer(buf, "<i8").copy()).to(device)
+    with warnings.catch_warnings():  # read-only payload: the view is only read, by the copy to the device
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.int64).to(device)
+
+
 def _as_u8(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().cpu().view(torch.uint8).numpy()
 
 
 def encode_delta(base: torch.Tensor, ft: torch.Tensor, *, context: bool = True, block: int = BLOCK,
-                 segment: int = SEGMENT) -> tuple[dict, list[bytes]]:
-    """(meta, payload parts) coding `ft` against `base` (same dtype and shape; CPU or CUDA, where they live)."""
-    from kernels.ans import ans_encode, quantize_frequencies
+                 segment: int | None = None, symbols_per_lane: int | None = None) -> tuple[dict, list[bytes]]:
+    """(meta, payload parts) coding `ft` against `base` (same dtype and shape; CPU or CUDA, where they live).
+
+    Defaults depend on the device: on CPU, segments of SEGMENT elements (bounded decode memory, thread-parallel) and
+    the coder's default lanes; on CUDA one segment per tensor (up to GPU_SEGMENT) and GPU_SYMBOLS_PER_LANE, because
+    a GPU needs ~10^5 independent rANS lanes to hide its latency (per-lane cost: ~6 bytes, <0.2 bits per symbol)."""
+    from kernels.ans import ans_encode, default_lanes, quantize_frequencies
 
     if not delta_codable(base, ft):
         raise ValueError(f"cannot delta-code {ft.dtype} {tuple(ft.shape)} against {base.dtype} {tuple(base.shape)}")
+    cuda = base.device.type == "cuda"
+    if segment is None:
+        segment = min(GPU_SEGMENT, max(SEGMENT, -(-base.numel() // block) * block)) if cuda else SEGMENT
+    if symbols_per_lane is None and cuda:
+        symbols_per_lane = GPU_SYMBOLS_PER_LANE
     if segment % block:
         raise ValueError(f"segment={segment} must be a multiple of block={block}")
     fmt = FORMATS[ft.dtype]
     mask = fmt.exp_mask if context else 0
     b, f = _bits(base, fmt), _bits(ft.to(base.device), fmt)
-    codec = fmdelta_native if _use_native(b) else fmdelta_ref
     segs, parts = [], []
     for a in range(0, max(b.numel(), 1), segment):
         bs, fs = b[a:a + segment], f[a:a + segment]
-        freqs = None
-        if codec is fmdelta_native:  # the histogram comes out of the same pass: no second scan of the symbols
-            counts = torch.zeros(256, dtype=torch.int64)
-            sym, block_words, words = codec.encode(bs, fs, fmt.exp_shift, mask, block, counts)
-            if sym.numel():
-                freqs = quantize_frequencies(counts[: int(torch.nonzero(counts)[-1]) + 1], PROB_BITS)
-        else:
-            sym, block_words, words = codec.encode(bs, fs, fmt.exp_shift, mask, block)
-        ans = ans_encode(sym, freqs, prob_bits=PROB_BITS).to_bytes()
+        sym, block_words, words, counts = _symbolise(bs, fs, fmt, mask, block)
+        freqs = None  # when the codec gave no histogram, ans_encode takes one
+        if counts is not None and sym.numel():
+            freqs = quantize_frequencies(counts[: int(torch.nonzero(counts)[-1]) + 1], PROB_BITS)
+        lanes = None if symbols_per_lane is None else default_lanes(sym.numel(), symbols_per_lane)
+        ans = ans_encode(sym, freqs, lanes=lanes, prob_bits=PROB_BITS).to_bytes()
         bw = _as_u8(block_words.to(torch.int32)).tobytes()
-        wb = _as_u8(words).tobytes()
+        # a CUDA tensor's .cpu() is already a private copy: hand out a view of it (no second copy of the raw bits)
+        wb = memoryview(_as_u8(words)) if words.is_cuda else _as_u8(words).tobytes()
         segs.append([bs.numel(), len(ans), len(bw), len(wb)])
         parts += [ans, bw, wb]
     meta = {"codec": "fmdelta", "context": bool(context), "block": block, "segment": segment, "segments": segs}
@@ -121,7 +160,7 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
     block, mask = int(meta["block"]), fmt.exp_mask if meta["context"] else 0
     b = _bits(base, fmt)
     out = torch.empty_like(b)
-    codec = fmdelta_native if _use_native(b) else fmdelta_ref
+    native, gpu = _use_native(b), _use_gpu_kernels(b, block)
     max_words = (block * fmt.width + 63) // 64
     a = 0
     for n, ans, bw, wb in _segment_views(meta, memoryview(payload), b.numel()):
@@ -134,13 +173,15 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
         block_words = torch.from_numpy(np.frombuffer(bw, "<i4").astype(np.int64))
         if bool(((block_words < 0) | (block_words > max_words)).any()) or int(block_words.sum()) != len(wb) // 8:
             raise ValueError("corrupt FM-Delta payload: block table does not match the raw-bit stream")
-        if codec is fmdelta_native:  # read the raw bits in place and decode straight into the output slice
+        if native:  # read the raw bits in place and decode straight into the output slice
             raw = np.frombuffer(wb, np.uint8)
-            codec.decode(b[a:a + n], sym, block_words, raw, fmt.exp_shift, mask, block, out=out[a:a + n])
+            fmdelta_native.decode(b[a:a + n], sym, block_words, raw, fmt.exp_shift, mask, block, out=out[a:a + n])
         else:
+            from kernels import fmdelta_gpu
+
             dev = b.device
-            words = torch.from_numpy(np.frombuffer(wb, "<i8").copy()).to(dev)
-            out[a:a + n] = codec.decode(b[a:a + n], sym, block_words.to(dev), words, fmt.exp_shift, mask, block)
+            dec = fmdelta_gpu.decode if gpu else fmdelta_ref.decode
+            out[a:a + n] = dec(b[a:a + n], sym, block_words.to(dev), _words_on(wb, dev), fmt.exp_shift, mask, block)
         a += n
     return out.view(base.dtype).view(base.shape)
 
