@@ -115,6 +115,7 @@ def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) ->
 # stages); the fastest differ by GPU and by a few percent run to run (experiments/cce_bench.py --sweep lists more)
 CANDIDATES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 5), (128, 128, 64, 8, 4)]
 _TUNED: dict[tuple, tuple[int, ...]] = {}
+AUTOTUNE_MIN_MACS = 1 << 36  # below ~0.2 ms of tensor-core work per call the tiles differ by microseconds
 
 
 def _autotune_on() -> bool:
@@ -159,7 +160,7 @@ def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tg
     """Triton twin of `cce_reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
     n, d = e.shape
     v = c.shape[0]
-    if config is None and e.is_cuda and e.dtype != torch.float32 and _autotune_on():
+    if config is None and e.is_cuda and e.dtype != torch.float32 and n * v * d >= AUTOTUNE_MIN_MACS and _autotune_on():
         config = _tuned(e, c, bias, tgt, softcap, need_sumz)
     bn, bv, bd, warps, stages, *rest = config or _config(n, v, d, e.dtype, e.device)
     row_blocks = triton.cdiv(n, bn)

@@ -35,9 +35,11 @@ def _max(a, b):
 @triton.jit
 def _wrap(x, W: tl.constexpr):
     """x (int64) reduced to a signed W-bit value, sign-extended back to int64."""
-    if W == 64:
-        return x
-    return ((x + (1 << (W - 1))) & ((1 << W) - 1)) - (1 << (W - 1))
+    if W == 64:  # one return for both branches: the compiler does not treat an early return as ending the body
+        y = x
+    else:
+        y = ((x + (1 << (W - 1))) & ((1 << W) - 1)) - (1 << (W - 1))
+    return y
 
 
 @triton.jit

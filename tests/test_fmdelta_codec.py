@@ -180,9 +180,14 @@ def test_wrong_dtype_or_shape_refused() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_round_trip_matches_cpu_bytes(dtype: torch.dtype) -> None:
+    """Same layout -> same bytes on both devices; each device's default layout decodes on the other."""
+    from framework.compression.fmdelta_codec import SEGMENT
+
     base, ft = adversarial(dtype, n=300_000, seed=3)
-    meta_c, parts_c = encode_delta(base, ft)
-    meta_g, parts_g = encode_delta(base.cuda(), ft.cuda())
+    same = {"segment": SEGMENT, "symbols_per_lane": 2048}
+    meta_c, parts_c = encode_delta(base, ft, **same)
+    meta_g, parts_g = encode_delta(base.cuda(), ft.cuda(), **same)
     assert meta_c == meta_g and b"".join(parts_c) == b"".join(parts_g)
-    out = decode_delta(base.cuda(), meta_g, b"".join(parts_g))
-    assert out.is_cuda and torch.equal(bits(out.cpu()), bits(ft))
+    for b, m, blob in ((base.cuda(), *encode_delta(base, ft)), (base, *encode_delta(base.cuda(), ft.cuda()))):
+        out = decode_delta(b, m, b"".join(blob))
+        assert out.device == b.device and torch.equal(bits(out.cpu()), bits(ft))
