@@ -257,7 +257,10 @@ if triton is not None:
         chunk = ((K2 + SPLIT - 1) // SPLIT + TKB - 1) // TKB * TKB
         start = pid_s * chunk
         end = tl.minimum(start + chunk, K2)
+        HB: tl.constexpr = BS // 2
+        NB: tl.constexpr = TKB // HB
         acc = tl.full((TN, BM), 0.0, tl.float32)
+        acc3 = tl.full((TN, NB, HB), 0.0, tl.float32)  # one row: reduce once at the end, not per step
         for kb0 in range(start, end, TKB):
             hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
                                           K2, BS, DQ, DTYPE, TKB)
@@ -268,8 +271,13 @@ if triton is not None:
                 xmask = cmask & ((col * 0 + m) < M)
                 xe = tl.load(xm, mask=xmask, other=0.0).to(tl.float32)
                 xo = tl.load(xm + s_ak, mask=xmask, other=0.0).to(tl.float32)
-                part = tl.reduce(tl.reduce(hi * xe[None, :, :] + lo * xo[None, :, :], 2, _add), 1, _add)
-                acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+                if BM == 1:
+                    acc3 += hi * xe[None, :, :] + lo * xo[None, :, :]
+                else:
+                    part = tl.reduce(tl.reduce(hi * xe[None, :, :] + lo * xo[None, :, :], 2, _add), 1, _add)
+                    acc += tl.where(offs_m[None, :] == m, part[:, None], 0.0)
+        if BM == 1:
+            acc += tl.reduce(tl.reduce(acc3, 2, _add), 1, _add)[:, None]
         offs = offs_m[None, :] * N + offs_n[:, None]
         _finish(acc, out_ptr, ws_ptr, lock_ptr + pid_o, offs, (offs_m < M)[None, :] & nmask[:, None], pid_s, M * N,
                 SPLIT)
@@ -292,8 +300,8 @@ if triton is not None:
         chunk = ((N + SPLIT - 1) // SPLIT + TN - 1) // TN * TN
         start = pid_s * chunk
         end = tl.minimum(start + chunk, N)
-        acc_e = tl.full((NB, HB), 0.0, tl.float32)
-        acc_o = tl.full((NB, HB), 0.0, tl.float32)
+        acc_e = tl.full((TN, NB, HB), 0.0, tl.float32)  # reduced over the rows once, after the loop
+        acc_o = tl.full((TN, NB, HB), 0.0, tl.float32)
         col = kb0 + tl.arange(0, NB)[:, None] * HB + tl.arange(0, HB)[None, :]
         for n0 in range(start, end, TN):
             offs_n = n0 + tl.arange(0, TN)
@@ -301,9 +309,9 @@ if triton is not None:
             hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
                                           K2, BS, DQ, DTYPE, TKB)
             g = tl.load(a_ptr + offs_n * s_ak, mask=nmask, other=0.0).to(tl.float32)[:, None, None]
-            acc_e += tl.reduce(hi.to(tl.float32) * g, 0, _add)
-            acc_o += tl.reduce(lo.to(tl.float32) * g, 0, _add)
-        _finish_pair(acc_e, acc_o, out_ptr, ws_ptr, lock_ptr + pid_o, 2 * col, col < K2, pid_s, K, SPLIT)
+            acc_e += hi.to(tl.float32) * g
+            acc_o += lo.to(tl.float32) * g
+        _finish_pair(tl.reduce(acc_e, 0, _add), tl.reduce(acc_o, 0, _add), out_ptr, ws_ptr, lock_ptr + pid_o, 2 * col, col < K2, pid_s, K, SPLIT)
 
 
 _WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -349,7 +357,7 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
             out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps, blocked=True))
     if m is not None and gemv_ok(m, k, block_size, trans):
         shapes = ((16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)) if trans else (
-            (16, 256, 4), (32, 128, 4), (64, 64, 4), (32, 128, 8), (64, 128, 8), (128, 64, 8))
+            (16, 256, 4), (32, 128, 4), (64, 64, 4), (8, 512, 4), (16, 256, 8), (64, 128, 8))
         for tn, tkb, warps in shapes:
             tkb = max(tkb, hb) // hb * hb
             tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
