@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -342,27 +342,28 @@ def gemv_ok(m: int, k: int, block_size: int, trans: bool) -> bool:
 
 def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = None,
                       block_size: int = 64) -> list[MMConfig]:
-    """A few tile shapes (tl.dot ones, plus GEMV ones when `gemv_ok`), each with its `_split`."""
-    out = []
-    for tn, tkb, warps in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8)):
+    """Tile shapes to time, each with its `_split`: per-element-scale tl.dot tiles (any layout), or where scale blocks
+    never straddle rows the blocked tl.dot tiles (faster in every shape measured) plus, for `gemv_ok` row counts, the
+    tensor-core-free ones; the best of each kind also with 3 pipeline stages and with twice the split."""
+    hb = block_size // 2
+
+    def make(tn: int, tkb: int, warps: int, **kind: bool) -> MMConfig:
+        tkb = max(tkb, hb) // hb * hb if (kind.get("blocked") or kind.get("gemv")) else tkb
         tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
         steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
-        out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps))
-    hb = block_size // 2
-    if k % block_size == 0:
-        for tn, tkb, warps in ((64, 128, 4), (64, 128, 8), (32, 128, 4)):
-            tkb = max(tkb, hb) // hb * hb
-            tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
-            steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
-            out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps, blocked=True))
+        return MMConfig(tn, tkb, _split(tiles, steps, sms), warps, **kind)
+
+    def variants(cfg: MMConfig) -> list[MMConfig]:
+        return [cfg, replace(cfg, stages=3), replace(cfg, split=min(64, 2 * cfg.split))]
+
+    if k % block_size:
+        return [make(tn, tkb, w) for tn, tkb, w in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8))]
+    out = variants(make(64, 128, 4, blocked=True)) + [make(64, 128, 8, blocked=True)]
     if m is not None and gemv_ok(m, k, block_size, trans):
-        shapes = ((16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)) if trans else (
-            (16, 256, 4), (32, 128, 4), (64, 64, 4), (8, 512, 4), (16, 256, 8), (64, 128, 8))
-        for tn, tkb, warps in shapes:
-            tkb = max(tkb, hb) // hb * hb
-            tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
-            steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
-            out.append(MMConfig(tn, tkb, _split(tiles, steps, sms), warps, gemv=True))
+        shapes = ((16, 128, 4), (64, 64, 4), (32, 64, 4)) if trans else ((16, 256, 4), (64, 64, 4), (64, 128, 8),
+                                                                          (32, 128, 4))
+        gemv = [make(tn, tkb, w, gemv=True) for tn, tkb, w in shapes]
+        out += variants(gemv[0]) + gemv[1:]
     return out
 
 
