@@ -21,7 +21,7 @@ ANS_L = 1 << 16
 @triton.jit
 def _load_sm(packed_ptr, idx, n, active, PLANES: tl.constexpr, REST: tl.constexpr, BLOCK: tl.constexpr):
     """The packed sign+mantissa field of elements idx (PLANES byte planes, then REST bits per element)."""
-    sm = tl.zeros((BLOCK,), tl.uint32)
+    sm = tl.full((BLOCK,), 0, tl.uint32)
     for b in tl.static_range(PLANES):
         sm |= tl.load(packed_ptr + b * n + idx, mask=active, other=0).to(tl.uint32) << (8 * b)
     if REST > 0:
@@ -114,7 +114,7 @@ def _histogram_kernel(sym_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.conste
     """Per-program 256-bin histogram of ITERS * BLOCK symbols, added to the global bins once: a skewed stream
     (one symbol dominates) does not serialise on one counter."""
     base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
-    acc = tl.zeros((256,), tl.int32)
+    acc = tl.full((256,), 0, tl.int32)
     for i in range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
         s = tl.load(sym_ptr + offs, mask=offs < n, other=0).to(tl.int32)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cce_fwd import _tanh, _up
+from kernels.cce_fwd import _add, _max, _tanh, _up
 
 SCRATCH_BYTES = 8 << 20  # fp32 dE scratch per launch
 
@@ -45,7 +45,7 @@ def _bwd_kernel(E, C, Bias, Rows, Tgt, Lse, A, B, U, Perm, DE, DC, DB,
     else:
         cols = offs_v
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    acc = tl.full((BLOCK_N, BLOCK_V), 0.0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         mask_d = dd < D
@@ -61,7 +61,8 @@ def _bwd_kernel(E, C, Bias, Rows, Tgt, Lse, A, B, U, Perm, DE, DC, DB,
     is_t = (cols[None, :] == tgt[:, None]) & mask
     work = True
     if FILTER:
-        work = (tl.max(tl.max(p, axis=1), axis=0) >= eps) | (tl.max(tl.max(is_t.to(tl.int32), axis=1), axis=0) > 0)
+        work = (tl.reduce(tl.reduce(p, 1, _max), 0, _max) >= eps) | (
+            tl.reduce(tl.reduce(is_t.to(tl.int32), 1, _max), 0, _max) > 0)
     if work:
         d = a[:, None] * p - tl.where(is_t, b[:, None], 0.0)
         if HAS_U:
@@ -70,7 +71,7 @@ def _bwd_kernel(E, C, Bias, Rows, Tgt, Lse, A, B, U, Perm, DE, DC, DB,
             d *= 1.0 - (acc / softcap) * (acc / softcap)
         d = tl.where(mask, d, 0.0)
         if HAS_BIAS:
-            tl.atomic_add(DB + cols, tl.sum(d, axis=0), mask=mask_v, sem="relaxed")
+            tl.atomic_add(DB + cols, tl.reduce(d, 0, _add), mask=mask_v, sem="relaxed")
         d_lp = d.to(E.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d

@@ -16,7 +16,19 @@ import triton.language as tl
 @triton.jit
 def _tanh(x):
     # tl has no tanh on every supported version; the sigmoid identity is exact enough in fp32
-    return 2 * tl.sigmoid(2 * x) - 1
+    return 2 / (1 + tl.exp(-2 * x)) - 1
+
+
+# The kernels use only builtins plus these combine functions (no tl.sum / tl.max / tl.zeros, which are jit functions
+# made when triton is imported): then they also run under an interpreter switched on after that import (CPU tests).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -42,14 +54,14 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
     tgt = tl.load(Tgt + rows, mask=mask_n, other=-1)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_N,), tl.float32)
-    t_i = tl.zeros((BLOCK_N,), tl.float32)
-    s_i = tl.zeros((BLOCK_N,), tl.float32)
+    l_i = tl.full((BLOCK_N,), 0.0, tl.float32)
+    t_i = tl.full((BLOCK_N,), 0.0, tl.float32)
+    s_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     for t in tl.range(0, tiles_per_split, flatten=FLATTEN):  # FLATTEN: one pipelined loop over (tile, d)
         v0 = (pid_s * tiles_per_split + t).to(tl.int64) * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_V), 0.0, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             mask_d = dd < D
@@ -61,13 +73,13 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
         if SOFTCAP:
             acc = softcap * _tanh(acc / softcap)
         if TARGET:  # else the target logits come from `_target_kernel` (a gather-dot: no per-tile compare)
-            t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
+            t_i += tl.reduce(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), 1, _add)
         if SUMZ:
-            s_i += tl.sum(tl.where(mask_v[None, :], acc, 0.0), axis=1)
+            s_i += tl.reduce(tl.where(mask_v[None, :], acc, 0.0), 1, _add)
         acc = tl.where(mask_v[None, :], acc, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(acc, axis=1))
+        m_new = tl.maximum(m_i, tl.reduce(acc, 1, _max))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(acc - m_safe[:, None]), axis=1)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.reduce(tl.exp(acc - m_safe[:, None]), 1, _add)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), -float("inf"))
     out = pid_s.to(tl.int64) * N + rows
@@ -87,13 +99,13 @@ def _target_kernel(E, C, Bias, Tgt, Out, N, V, D, stride_e, stride_c, softcap,
     tgt = tl.load(Tgt + rows, mask=mask_r, other=-1)
     ok = mask_r & (tgt >= 0) & (tgt < V)
     tg = tl.where(ok, tgt, 0).to(tl.int64)
-    acc = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.full((BLOCK_R,), 0.0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         m = ok[:, None] & (dd < D)[None, :]
         e = tl.load(E + rows[:, None] * stride_e + dd[None, :], mask=m, other=0.0).to(tl.float32)
         c = tl.load(C + tg[:, None] * stride_c + dd[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(e * c, axis=1)
+        acc += tl.reduce(e * c, 1, _add)
     if HAS_BIAS:
         acc += tl.load(Bias + tg, mask=ok, other=0.0).to(tl.float32)
     if SOFTCAP:
