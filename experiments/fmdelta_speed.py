@@ -49,12 +49,22 @@ def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dic
     decode_delta(base[0], m, b"".join(p))
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    enc = [encode_delta(b, f, symbols_per_lane=spl) for b, f in zip(base, ft)]
+    enc = []
+    for b, f in zip(base, ft):
+        enc.append(encode_delta(b, f, symbols_per_lane=spl))
+        if os.environ.get("FMDELTA_VERBOSE") == "1":  # per-tensor wall times: is a slow pass slow everywhere?
+            sync(device)
+            print(f"encode tensor {len(enc)}: {time.perf_counter() - t0:.4f} s cumulative", flush=True)
     sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
     blobs = [b"".join(p) for _, p in enc]
     t2, c2 = time.perf_counter(), time.process_time()
-    outs = [decode_delta(b, m, blob) for b, (m, _), blob in zip(base, enc, blobs)]
+    outs = []
+    for b, (m, _), blob in zip(base, enc, blobs):
+        outs.append(decode_delta(b, m, blob))
+        if os.environ.get("FMDELTA_VERBOSE") == "1":
+            sync(device)
+            print(f"decode tensor {len(outs)}: {time.perf_counter() - t2:.4f} s cumulative", flush=True)
     sync(device)
     t3, c3 = time.perf_counter(), time.process_time()
     ok = all(torch.equal(o.view(torch.uint8), f.view(torch.uint8)) for o, f in zip(outs, ft))
