@@ -132,3 +132,19 @@ def test_cut_cross_entropy_loss_class_matches_torch_loss_with_softcap():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="loss.impl"):
         CutCrossEntropy(impl="gpu")
+
+
+@pytest.mark.parametrize("row_blocks,v_tiles,slots", [(64, 1000, 132), (64, 2000, 132), (1, 1000, 132), (3, 7, 8),
+                                                      (64, 1, 132)])
+def test_forward_split_fills_the_waves(row_blocks, v_tiles, slots):
+    """Tiles per program: every tile covered, and the launch wastes little of its last wave against the ideal
+    row_blocks * v_tiles / slots tile-times (the old rule, splits = ceil(2 * slots / row_blocks), left 2.4 waves of
+    320 programs on 132 SMs for the benchmark shape)."""
+    from kernels.cce_fwd import split_tiles
+
+    t = split_tiles(row_blocks, v_tiles, slots)
+    splits = -(-v_tiles // t)
+    assert 1 <= t <= v_tiles and splits * t >= v_tiles and (splits - 1) * t < v_tiles
+    waves = -(-row_blocks * splits // slots)
+    ideal = row_blocks * v_tiles / slots
+    assert waves * t <= max(1.02 * ideal, ideal + 1)  # within 2% of the ideal (or of one tile, for tiny launches)

@@ -196,6 +196,29 @@ def test_storage_registry_and_apply():
     assert m.weight.mantissa_bits == 3 and math.isfinite(float(m(torch.randn(2, 128)).sum()))
 
 
+def test_symbols_per_lane_setting_sets_the_lane_count():
+    """storage.symbols_per_lane: ceil(numel / spl) rANS lanes (4-6 bytes each), default SYMBOLS_PER_LANE."""
+    from framework.quant.neuzip import SYMBOLS_PER_LANE
+
+    w = torch.randn(256, 200) * 0.02
+    sizes = {}
+    for spl in (None, 64, 4096):
+        m = nn.Linear(200, 256).requires_grad_(False)
+        m.weight.data.copy_(w)
+        cfg = {"name": "neuzip", "min_numel": 1} | ({} if spl is None else {"symbols_per_lane": spl})
+        apply_neuzip(m, OmegaConf.create(cfg))
+        z = m.weight
+        assert z.enc.lanes == -(-w.numel() // (spl or SYMBOLS_PER_LANE))
+        assert torch.equal(z.dequantize(), w)
+        sizes[spl] = z.compressed_nbytes
+    # a lane stores a 4-byte final state and a 2-byte word count; up to 2 of those bytes are payload the state carries
+    extra = -(-w.numel() // 64) - -(-w.numel() // 4096)
+    assert 4 * extra - 64 <= sizes[64] - sizes[4096] <= 6 * extra + 64
+    with pytest.raises(ValueError, match="symbols_per_lane"):
+        apply_neuzip(nn.Linear(64, 64).requires_grad_(False),
+                     OmegaConf.create({"name": "neuzip", "min_numel": 1, "symbols_per_lane": 0}))
+
+
 @pytest.mark.gpu
 def test_gpu_dequantize_and_linear_match_cpu():
     w = (torch.randn(1024, 4096) * 0.02).to(torch.bfloat16)
