@@ -1,27 +1,60 @@
 #!/usr/bin/env bash
-# One single-GPU device call: every `-m gpu` test, the headline experiment, the NeuZip memory table and the NeuZip
-# speed benchmark, each under its own time cap so that one slow stage cannot eat the others (every script writes its
-# table as it goes, so a capped stage keeps what it measured).
-# Run from the repo root with the wheel folders carried (.whl: hydra/omegaconf/datasets; .whl-bnb: bitsandbytes).
-# Results land in $OUT (and experiments/results/ on that machine).
+# One single-GPU device call: the per-issue benchmarks, the headline and NeuZip memory tables, then every `-m gpu`
+# test. Each stage runs under its own time cap (SIGKILL, so nothing it started outlives it) so one slow stage cannot
+# eat the others; every script writes its table as it goes, so a capped stage keeps what it measured. The tests come
+# last: a killed test run can leave worker processes that share the GPU with whatever runs next and skew its timings.
+# Carry (repo-root folders, ignored by git): .whl (hydra/omegaconf/datasets), .whl-bnb (bitsandbytes), .whl-peers
+# (cut-cross-entropy, liger-kernel; ../shared/tools/device-wheels.sh --peers) and .cache/nf4_real (real weights for
+# nf4_vs_bnb: `python experiments/nf4_vs_bnb.py --make-real` on a machine with the dev extra installed).
+# STAGES picks stages (default: all); T_<STAGE> caps them in seconds. Results land in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"; export OUT
+STAGES=${STAGES:-"nf4 cce fmdelta neuzip headline nzmem tests"}
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl-bnb/*.whl \
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+wheels=(.whl/*.whl)
+for d in .whl-bnb .whl-peers; do [[ -d $d ]] && wheels+=("$d"/*.whl); done
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" \
   && export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-stamp "pytest -m gpu"
-timeout "${T_TESTS:-140}" python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=10 2>&1 \
-  | tee "$OUT/pytest_gpu.txt" | tail -25
-stamp "headline"
-timeout "${T_HEADLINE:-230}" python3 experiments/headline.py --longest-budget "${LONGEST_S:-35}" \
-  --out "$OUT/headline.md" 2>&1 | grep -v Warning | tail -20
-stamp "neuzip_memory"
-timeout "${T_NZMEM:-90}" python3 experiments/neuzip_memory.py --out "$OUT/neuzip_memory.md" 2>&1 | tail -12
-stamp "neuzip_speed"
-timeout "${T_NEUZIP:-90}" python3 experiments/neuzip_speed.py --sweep-sizes 128 --spl 512,2048 \
-  --shapes 128x4,256x4,256x8 --out "$OUT/neuzip_speed.md" 2>&1 | tail -40
+cap() { local t=$1; shift; timeout -s KILL "$t" "$@"; }
+if want nf4; then
+  stamp "nf4_vs_bnb"
+  cap "${T_NF4:-130}" python3 experiments/nf4_vs_bnb.py --out "$OUT/nf4_vs_bnb.md" > "$OUT/nf4_log.txt" 2>&1
+  sed -n '/## Linear/,$p' "$OUT/nf4_vs_bnb.md" | head -30
+fi
+if want cce; then
+  stamp "cce_bench"
+  cap "${T_CCE:-150}" python3 experiments/cce_bench.py --out "$OUT/cce_bench.md" > "$OUT/cce_log.txt" 2>&1
+  grep "Targets\|^| ours" "$OUT/cce_bench.md"
+fi
+if want fmdelta; then
+  stamp "fmdelta_speed"
+  FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda > "$OUT/fmdelta_log.txt" 2>&1
+  grep "^|" "$OUT/fmdelta_log.txt"
+fi
+if want neuzip; then
+  stamp "neuzip_speed"
+  cap "${T_NEUZIP:-90}" python3 experiments/neuzip_speed.py --sweep-sizes 128 --spl 256,512 \
+    --shapes 128x4p,256x8p,128x4 --sizes 1,8,128,512,1024 --out "$OUT/neuzip_speed.md" > "$OUT/neuzip_log.txt" 2>&1
+  tail -12 "$OUT/neuzip_speed.md"
+fi
+if want headline; then
+  stamp "headline"
+  cap "${T_HEADLINE:-230}" python3 experiments/headline.py --longest-budget "${LONGEST_S:-35}" \
+    --out "$OUT/headline.md" 2>&1 | grep -v Warning | tail -20
+fi
+if want nzmem; then
+  stamp "neuzip_memory"
+  cap "${T_NZMEM:-100}" python3 experiments/neuzip_memory.py --out "$OUT/neuzip_memory.md" 2>&1 | tail -12
+fi
+if want tests; then
+  stamp "pytest -m gpu"
+  cap "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf --tb=short --durations=10 \
+    > "$OUT/pytest_gpu.txt" 2>&1
+  tail -25 "$OUT/pytest_gpu.txt"
+fi
 stamp "done"
