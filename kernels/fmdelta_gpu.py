@@ -9,7 +9,6 @@ launches and decode two, each reading and writing every element once:
   decode  `_ksym`       symbols + base -> k, the bits per raw block (checked against the block table) and an error
                         flag for symbols outside the alphabet;
           `_unpack`     the same per-block scan, reading the words back and rebuilding the fine-tuned bits.
-Sizes are not specialised on (do_not_specialize), so a checkpoint of many tensor shapes compiles each kernel once.
 Every integer is widened to int64 and wrapped to W bits explicitly, so no step relies on how narrow integer types
 promote. Offsets are 64-bit. Reductions use this module's own combine functions (see kernels/nf4_matmul.py `_add`).
 """
@@ -54,7 +53,7 @@ def _context(b, SHIFT: tl.constexpr, MASK: tl.constexpr):
     return (b >> SHIFT) & MASK
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def _symbolise(base_ptr, ft_ptr, sym_ptr, k_ptr, low_ptr, hist_ptr, bits_ptr, n,
                W: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * CH + tl.arange(0, CH)
@@ -86,7 +85,7 @@ def _symbolise(base_ptr, ft_ptr, sym_ptr, k_ptr, low_ptr, hist_ptr, bits_ptr, n,
     tl.atomic_add(bits_ptr + (tl.program_id(0).to(tl.int64) * CH) // BLOCK, tl.reduce(kk, 0, _add), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def _pack(k_ptr, low_ptr, start_ptr, words_ptr, n, BLOCK: tl.constexpr, CH: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     run = tl.load(start_ptr + blk) * 64  # bit offset where this raw block starts
@@ -103,7 +102,7 @@ def _pack(k_ptr, low_ptr, start_ptr, words_ptr, n, BLOCK: tl.constexpr, CH: tl.c
         tl.atomic_or(words_ptr + w + 1, (low >> 1) >> (63 - s), mask=valid & (s + k > 64), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def _ksym(base_ptr, sym_ptr, k_ptr, bits_ptr, err_ptr, n,
           W: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * CH + tl.arange(0, CH)
@@ -119,7 +118,7 @@ def _ksym(base_ptr, sym_ptr, k_ptr, bits_ptr, err_ptr, n,
                   sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["n", "n_words"])
+@triton.jit
 def _unpack(base_ptr, sym_ptr, k_ptr, start_ptr, words_ptr, out_ptr, n, n_words,
             W: tl.constexpr, BLOCK: tl.constexpr, CH: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
