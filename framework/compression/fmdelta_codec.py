@@ -60,9 +60,17 @@ def _use_native(t: torch.Tensor) -> bool:
 
 
 def _use_gpu_kernels(t: torch.Tensor, block: int) -> bool:
+    if not t.is_cuda:  # CPU paths never import the Triton module
+        return False
     from kernels import fmdelta_gpu
 
-    return t.is_cuda and block % fmdelta_gpu.CHUNK == 0
+    return block % fmdelta_gpu.CHUNK == 0
+
+
+def _gpu_decode():
+    from kernels import fmdelta_gpu
+
+    return fmdelta_gpu.decode
 
 
 def _symbolise(bs: torch.Tensor, fs: torch.Tensor, fmt: FloatFormat, mask: int, block: int
@@ -177,10 +185,8 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
             raw = np.frombuffer(wb, np.uint8)
             fmdelta_native.decode(b[a:a + n], sym, block_words, raw, fmt.exp_shift, mask, block, out=out[a:a + n])
         else:
-            from kernels import fmdelta_gpu
-
             dev = b.device
-            dec = fmdelta_gpu.decode if gpu else fmdelta_ref.decode
+            dec = _gpu_decode() if gpu else fmdelta_ref.decode
             out[a:a + n] = dec(b[a:a + n], sym, block_words.to(dev), _words_on(wb, dev), fmt.exp_shift, mask, block)
         a += n
     return out.view(base.dtype).view(base.shape)
