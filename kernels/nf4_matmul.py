@@ -70,6 +70,13 @@ def nf4_matmul_reference(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Te
 if triton is not None:
 
     @triton.jit
+    def _share(total, step: tl.constexpr, pid_s, SPLIT: tl.constexpr):
+        """[start, end) of split-K program pid_s: a 1/SPLIT share of `total`, rounded up to whole `step`s."""
+        chunk = ((total + SPLIT - 1) // SPLIT + step - 1) // step * step
+        start = pid_s * chunk
+        return start, tl.minimum(start + chunk, total)
+
+    @triton.jit
     def _load_w(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, offs_kb, nmask, kmask, K2,
                 BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
         """Dequantized [TN, TKB] tiles of W's even (high nibble) and odd (low nibble) elements, in DTYPE."""
@@ -167,9 +174,7 @@ if triton is not None:
         if not TRANS:  # y[m, n] = sum_k a[m, k] W[n, k]; this program: rows n, a 1/SPLIT share of k
             offs_n = pid_o * TN + tl.arange(0, TN)
             nmask = offs_n < N
-            chunk = ((K2 + SPLIT - 1) // SPLIT + TKB - 1) // TKB * TKB
-            start = pid_s * chunk
-            end = tl.minimum(start + chunk, K2)
+            start, end = _share(K2, TKB, pid_s, SPLIT)
             acc = tl.full((TN, BM), 0.0, tl.float32)
             for kb0 in range(start, end, TKB):
                 offs_kb = kb0 + tl.arange(0, TKB)
@@ -191,9 +196,7 @@ if triton is not None:
         else:  # y[m, k] = sum_n a[m, n] W[n, k]; this program: byte-columns of W, a 1/SPLIT share of n
             offs_kb = pid_o * TKB + tl.arange(0, TKB)
             kmask = offs_kb < K2
-            chunk = ((N + SPLIT - 1) // SPLIT + TN - 1) // TN * TN
-            start = pid_s * chunk
-            end = tl.minimum(start + chunk, N)
+            start, end = _share(N, TN, pid_s, SPLIT)
             acc_e = tl.full((BM, TKB), 0.0, tl.float32)
             acc_o = tl.full((BM, TKB), 0.0, tl.float32)
             for n0 in range(start, end, TN):
@@ -254,9 +257,7 @@ if triton is not None:
         offs_n = pid_o * TN + tl.arange(0, TN)
         nmask = offs_n < N
         offs_m = tl.arange(0, BM)
-        chunk = ((K2 + SPLIT - 1) // SPLIT + TKB - 1) // TKB * TKB
-        start = pid_s * chunk
-        end = tl.minimum(start + chunk, K2)
+        start, end = _share(K2, TKB, pid_s, SPLIT)
         HB: tl.constexpr = BS // 2
         NB: tl.constexpr = TKB // HB
         acc = tl.full((TN, BM), 0.0, tl.float32)
@@ -297,9 +298,7 @@ if triton is not None:
         HB: tl.constexpr = BS // 2
         NB: tl.constexpr = TKB // HB
         kb0 = pid_o * TKB
-        chunk = ((N + SPLIT - 1) // SPLIT + TN - 1) // TN * TN
-        start = pid_s * chunk
-        end = tl.minimum(start + chunk, N)
+        start, end = _share(N, TN, pid_s, SPLIT)
         acc_e = tl.full((TN, NB, HB), 0.0, tl.float32)  # reduced over the rows once, after the loop
         acc_o = tl.full((TN, NB, HB), 0.0, tl.float32)
         col = kb0 + tl.arange(0, NB)[:, None] * HB + tl.arange(0, HB)[None, :]
