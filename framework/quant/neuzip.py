@@ -316,6 +316,14 @@ def shard_rows(w: torch.Tensor, world: int, mantissa_bits: int | None = None, **
     return list(torch.chunk(NeuZipTensor.from_dense(w, mantissa_bits, **kw), world, 0))
 
 
+def lane_length(cfg: Any) -> int:
+    """`storage.symbols_per_lane` (default SYMBOLS_PER_LANE), checked."""
+    spl = int(cfg.get("symbols_per_lane", SYMBOLS_PER_LANE))
+    if spl < 1:
+        raise ValueError(f"storage.symbols_per_lane must be >= 1, got {spl}")
+    return spl
+
+
 def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     """Replace frozen Linear (and optionally Embedding / lm_head) weights by NeuZipTensors, in place; with
     `train_compressed` also the trainable Linear weights, updated inside backward (framework/quant/neuzip_train.py)."""
@@ -325,9 +333,7 @@ def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     block = cfg.get("block_size", None)
     include_embeddings = bool(cfg.get("include_embeddings", False))
     min_numel = int(cfg.get("min_numel", 4096))
-    spl = int(cfg.get("symbols_per_lane", SYMBOLS_PER_LANE))
-    if spl < 1:
-        raise ValueError(f"storage.symbols_per_lane must be >= 1, got {spl}")
+    spl = lane_length(cfg)
     if cfg.get("train_compressed", False):  # full fine-tuning with the trained Linear weights compressed
         from framework.quant.neuzip_train import apply_trainable_neuzip
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant.neuzip import SYMBOLS_PER_LANE, NeuZipTensor
+from framework.quant.neuzip import NeuZipTensor, lane_length
 
 
 class InBackwardOptimizer:
@@ -138,7 +138,7 @@ def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     one InBackwardOptimizer, `model.neuzip_optimizer`, that LMModule binds to the run's optimizer."""
     k = cfg.get("mantissa_bits", None)
     block, min_numel = cfg.get("block_size", None), int(cfg.get("min_numel", 4096))
-    spl = int(cfg.get("symbols_per_lane", SYMBOLS_PER_LANE))
+    spl = lane_length(cfg)
     include_head = bool(cfg.get("include_embeddings", False))
     opt = InBackwardOptimizer()
     seen: set[int] = set()
