@@ -416,20 +416,12 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
 
 def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
     """Time each candidate once per (shape, direction, row bucket, dtype, device); keep the fastest."""
-    from triton.testing import do_bench
+    from kernels.tune import fastest
 
-    best, best_t = cands[0], float("inf")
-    for cfg in cands:
-        try:
-            t = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
-        except Exception:  # noqa: BLE001 - a config that fails to compile/launch is skipped
-            continue
-        if os.environ.get("NF4_MM_VERBOSE") == "1":
-            print(f"nf4_matmul autotune {key[:4]} {cfg}: {1000 * t:.1f} us", flush=True)
-        if t < best_t:
-            best, best_t = cfg, t
-    _CONFIGS[key] = best
-    return best
+    verbose = os.environ.get("NF4_MM_VERBOSE") == "1"
+    _CONFIGS[key] = fastest(cands, run, log=(lambda c, t: print(f"nf4_matmul autotune {key[:4]} {c}: "
+                                                                 f"{1000 * t:.1f} us", flush=True)) if verbose else None)
+    return _CONFIGS[key]
 
 
 def nf4_matmul(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], offset: float | None,
