@@ -2,8 +2,9 @@
 
 Grid (row blocks, vocabulary splits). Each program owns BLOCK_N rows and one contiguous split of the vocabulary, walks
 its BLOCK_V tiles with an online (max, sum-exp) in fp32, and writes one partial LSE per row and split; the few partials
-are merged in torch (N x splits floats: no locks, no N x V buffer). Splits exist only to fill the GPU when N is small.
-Offsets are 64-bit so N x V and V x D beyond 2^31 are safe.
+are merged in torch (N x splits floats: no locks, no N x V buffer). Splits are sized so that the last wave of programs
+is nearly full (`split_tiles`). The target logit comes from a separate gather-dot kernel (one dot per row), not from
+a compare-and-sum in every tile. Offsets are 64-bit so N x V and V x D beyond 2^31 are safe.
 """
 
 from __future__ import annotations
@@ -40,24 +41,21 @@ def _up(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
+def _fwd_kernel(E, C, Bias, LsePart, SPart,
                 N, V, D, stride_e, stride_c, tiles_per_split, softcap,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUMZ: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FLATTEN: tl.constexpr,
-                TARGET: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
-    tgt = tl.load(Tgt + rows, mask=mask_n, other=-1)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     l_i = tl.full((BLOCK_N,), 0.0, tl.float32)
-    t_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     s_i = tl.full((BLOCK_N,), 0.0, tl.float32)
-    for t in tl.range(0, tiles_per_split, flatten=FLATTEN):  # FLATTEN: one pipelined loop over (tile, d)
+    for t in range(0, tiles_per_split):
         v0 = (pid_s * tiles_per_split + t).to(tl.int64) * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
@@ -72,8 +70,6 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
             acc += tl.load(Bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
             acc = softcap * _tanh(acc / softcap)
-        if TARGET:  # else the target logits come from `_target_kernel` (a gather-dot: no per-tile compare)
-            t_i += tl.reduce(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), 1, _add)
         if SUMZ:
             s_i += tl.reduce(tl.where(mask_v[None, :], acc, 0.0), 1, _add)
         acc = tl.where(mask_v[None, :], acc, -float("inf"))
@@ -84,8 +80,6 @@ def _fwd_kernel(E, C, Bias, Tgt, LsePart, TPart, SPart,
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), -float("inf"))
     out = pid_s.to(tl.int64) * N + rows
     tl.store(LsePart + out, lse, mask=mask_n)
-    if TARGET:
-        tl.store(TPart + out, t_i, mask=mask_n)
     if SUMZ:
         tl.store(SPart + out, s_i, mask=mask_n)
 
@@ -114,8 +108,7 @@ def _target_kernel(E, C, Bias, Tgt, Out, N, V, D, stride_e, stride_c, softcap,
 
 
 def _config(n: int, v: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages[, flatten]): small tiles for the interpreter, Hopper-sized on
-    GPU."""
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): small tiles for the interpreter, Hopper-sized on GPU."""
     if device.type != "cuda":
         return 16, 32, 16, 4, 1
     if dtype == torch.float32:
@@ -139,21 +132,13 @@ def _autotune_on() -> bool:
 def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor, softcap: float | None,
            need_sumz: bool) -> tuple[int, ...]:
     """The fastest CANDIDATES entry for this (row bucket, V, D, dtype, options), timed once and cached."""
-    from triton.testing import do_bench
-
     key = (triton.next_power_of_2(e.shape[0]), c.shape[0], e.shape[1], e.dtype, e.device, bias is not None,
            bool(softcap), need_sumz)
     if key not in _TUNED:
-        best, best_t = CANDIDATES[0], float("inf")
-        for cfg in CANDIDATES:
-            try:
-                t = do_bench(lambda cfg=cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),
-                             warmup=20, rep=100, return_mode="median")
-            except Exception:  # noqa: BLE001 - a tile that does not fit this GPU is skipped
-                continue
-            if t < best_t:
-                best, best_t = cfg, t
-        _TUNED[key] = best
+        from kernels.tune import fastest
+
+        _TUNED[key] = fastest(CANDIDATES, lambda cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),
+                              warmup=20, rep=100)
     return _TUNED[key]
 
 
@@ -168,13 +153,13 @@ def split_tiles(row_blocks: int, v_tiles: int, slots: int) -> int:
 
 def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
                  softcap: float | None, need_sumz: bool,
-                 config: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of `cce_reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
     n, d = e.shape
     v = c.shape[0]
     if config is None and e.is_cuda and e.dtype != torch.float32 and n * v * d >= AUTOTUNE_MIN_MACS and _autotune_on():
         config = _tuned(e, c, bias, tgt, softcap, need_sumz)
-    bn, bv, bd, warps, stages, *rest = config or _config(n, v, d, e.dtype, e.device)
+    bn, bv, bd, warps, stages = config or _config(n, v, d, e.dtype, e.device)
     row_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
     sms = torch.cuda.get_device_properties(e.device).multi_processor_count if e.device.type == "cuda" else 1
@@ -182,15 +167,14 @@ def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tg
     tiles_per_split = split_tiles(row_blocks, v_tiles, slots)
     splits = triton.cdiv(v_tiles, tiles_per_split)
     lse_p = torch.empty(splits, n, dtype=torch.float32, device=e.device)
-    t_p = lse_p  # never written (TARGET off)
     s_p = torch.empty_like(lse_p) if need_sumz else lse_p
     precision = "ieee" if e.dtype == torch.float32 else "tf32"
     _fwd_kernel[(row_blocks, splits)](
-        e, c, bias if bias is not None else e, tgt, lse_p, t_p, s_p,
+        e, c, bias if bias is not None else e, lse_p, s_p,
         n, v, d, e.stride(0), c.stride(0), tiles_per_split, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), SUMZ=need_sumz, PRECISION=precision,
         UPCAST=e.device.type != "cuda",
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, FLATTEN=bool(rest and rest[0]), TARGET=False, num_warps=warps,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
         num_stages=stages,
     )
     tlogit = torch.empty(n, dtype=torch.float32, device=e.device)
