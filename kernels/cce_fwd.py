@@ -135,10 +135,11 @@ def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: tor
     key = (triton.next_power_of_2(e.shape[0]), c.shape[0], e.shape[1], e.dtype, e.device, bias is not None,
            bool(softcap), need_sumz)
     if key not in _TUNED:
-        from kernels.tune import fastest
+        from kernels.tune import tuned
 
-        _TUNED[key] = fastest(CANDIDATES, lambda cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),
-                              warmup=20, rep=100)
+        _TUNED[key] = tuned("cce_fwd", key[:4] + key[5:], CANDIDATES,
+                            lambda cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),
+                            device=e.device, source_file=__file__, warmup=20, rep=100)
     return _TUNED[key]
 
 

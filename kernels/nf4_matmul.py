@@ -416,11 +416,11 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
 
 def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
     """Time each candidate once per (shape, direction, row bucket, dtype, device); keep the fastest."""
-    from kernels.tune import fastest
+    from kernels.tune import tuned
 
     verbose = os.environ.get("NF4_MM_VERBOSE") == "1"
-    _CONFIGS[key] = fastest(cands, run, log=(lambda c, t: print(f"nf4_matmul autotune {key[:4]} {c}: "
-                                                                 f"{1000 * t:.1f} us", flush=True)) if verbose else None)
+    log = (lambda c, t: print(f"nf4_matmul autotune {key[:4]} {c}: {1000 * t:.1f} us", flush=True)) if verbose else None
+    _CONFIGS[key] = tuned("nf4_matmul", key[:-1], cands, run, device=key[-1], source_file=__file__, log=log)
     return _CONFIGS[key]
 
 
