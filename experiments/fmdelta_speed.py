@@ -7,6 +7,7 @@ and zstd-3 of base XOR fine-tuned as the generic peer (CPU). MB/s = raw fine-tun
 .md): the reference C++ core, single-threaded, ~110 MB/s encode, ~75 MB/s decode. Targets: >= 300 MB/s on 2 CPU cores,
 >= 5 GB/s on GPU. Writes experiments/results/fmdelta_speed_<device>.md.
 Usage: python experiments/fmdelta_speed.py [--device cpu|cuda] [--tensors 16] [--numel 16777216] [--dtype fp32]
+       [--reserve] [--profile] [--spl 256,512]
 """
 
 from __future__ import annotations
@@ -42,8 +43,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh host memory)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _reserved(device: str) -> int:
+    return torch.cuda.memory_reserved() if device == "cuda" else 0
+
+
 def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dict[str, float]:
     raw = sum(t.numel() * t.element_size() for t in ft)
+    flt0, res0 = _faults(), _reserved(device)
     # warm-up on a whole tensor: compiles the kernels and lets the allocator reach its steady state
     m, p = encode_delta(base[0], ft[0], symbols_per_lane=spl)
     decode_delta(base[0], m, b"".join(p))
@@ -70,7 +83,8 @@ def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dic
     ok = all(torch.equal(o.view(torch.uint8), f.view(torch.uint8)) for o, f in zip(outs, ft))
     stored = sum(map(len, blobs))
     return {"raw_MB": raw / 1e6, "ratio": stored / raw, "enc_MBps": raw / (t1 - t0) / 1e6,
-            "dec_MBps": raw / (t3 - t2) / 1e6, "bit_exact": ok,
+            "dec_MBps": raw / (t3 - t2) / 1e6, "bit_exact": ok, "faults_MB": (_faults() - flt0) * 4096 / 1e6,
+            "reserved_MB": (_reserved(device) - res0) / 1e6,
             "enc_cpu_MBps": raw / max(c1 - c0, 1e-9) / 1e6, "dec_cpu_MBps": raw / max(c3 - c2, 1e-9) / 1e6}
 
 
@@ -102,7 +116,7 @@ def time_zstd(base: list, ft: list, level: int = 3) -> dict[str, float]:
         d.decompress(z)
     t2, c2 = time.perf_counter(), time.process_time()
     return {"raw_MB": raw / 1e6, "ratio": sum(map(len, zs)) / raw, "enc_MBps": raw / (t1 - t0) / 1e6,
-            "dec_MBps": raw / (t2 - t1) / 1e6, "bit_exact": True,
+            "dec_MBps": raw / (t2 - t1) / 1e6, "bit_exact": True, "faults_MB": float("nan"), "reserved_MB": 0.0,
             "enc_cpu_MBps": raw / max(c1 - c0, 1e-9) / 1e6, "dec_cpu_MBps": raw / max(c2 - c1, 1e-9) / 1e6}
 
 
@@ -133,12 +147,19 @@ def main() -> None:
     ap.add_argument("--spl", default="", help="cuda: comma-separated rANS symbols per lane to compare (default: "
                     "the codec's)")
     ap.add_argument("--profile", action="store_true", help="cuda: print the kernel time table of one tensor")
+    ap.add_argument("--reserve", action="store_true", help="cuda: before the first pass, reserve (allocate and free) "
+                    "3x the model's bytes in torch's caching allocator, to tell the first pass's device allocations "
+                    "apart from the codec")
     a = ap.parse_args()
     load0 = os.getloadavg()
     base, ft = pair(a.tensors, a.numel, DTYPES[a.dtype], a.device)
+    if a.reserve and a.device == "cuda":
+        del_me = torch.empty(3 * sum(t.numel() * t.element_size() for t in ft), dtype=torch.uint8, device="cuda")
+        del del_me  # the caching allocator keeps the segment: the passes below split it instead of calling cudaMalloc
     name = "FM-Delta (" + (f"native C++, {torch.get_num_threads()} threads" if a.device == "cpu"
                            else "Triton kernels + Triton rANS") + ")"
-    rows = {name + (", first pass in the process" if a.device == "cuda" else ""): time_codec(base, ft, a.device)}
+    first = ", first pass in the process" + (" (device memory reserved beforehand)" if a.reserve else "")
+    rows = {name + (first if a.device == "cuda" else ""): time_codec(base, ft, a.device)}
     if a.device == "cuda":  # the first pass of a fresh process is slower (see the note in the output)
         rows[name + ", second pass"] = time_codec(base, ft, a.device)
     if a.device == "cpu":
@@ -173,14 +194,18 @@ def main() -> None:
              "this process (all its threads), i.e. the per-core throughput independent of the contention." if
              a.device == "cpu" else "."), "",
              "| codec | raw MB | ratio | compress MB/s | decompress MB/s | vs anchor enc/dec | compress MB per CPU-s |"
-             " decompress MB per CPU-s | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             " decompress MB per CPU-s | host MB first-touched | device MB newly reserved | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['raw_MB']:.0f} | {r['ratio']:.3f} | {r['enc_MBps']:.0f} | {r['dec_MBps']:.0f} | "
                      f"{r['enc_MBps'] / 110:.2f}x / {r['dec_MBps'] / 75:.2f}x | {r['enc_cpu_MBps']:.0f} | "
-                     f"{r['dec_cpu_MBps']:.0f} | {r['bit_exact']} |")
+                     f"{r['dec_cpu_MBps']:.0f} | {r['faults_MB']:.0f} | {r['reserved_MB']:.0f} | {r['bit_exact']} |")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"fmdelta_speed_{a.device}.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "host MB first-touched = minor page faults during the row x 4 KiB (fresh host memory the pass "
+              "wrote); device MB newly reserved = growth of torch's CUDA caching allocator (cudaMalloc) during the "
+              "row, warm-up included."]
+    suffix = "_reserved" if a.reserve and a.device == "cuda" else ""
+    (OUT / f"fmdelta_speed_{a.device}{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -35,6 +35,10 @@ if want fmdelta; then
   stamp "fmdelta_speed"
   FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda > "$OUT/fmdelta_log.txt" 2>&1
   grep "^|" "$OUT/fmdelta_log.txt"
+  # the same in a fresh process with the device memory reserved first: is the slow first pass cudaMalloc?
+  FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda --reserve \
+    > "$OUT/fmdelta_reserved_log.txt" 2>&1
+  grep "first pass" "$OUT/fmdelta_reserved_log.txt"
 fi
 if want neuzip; then
   stamp "neuzip_speed"

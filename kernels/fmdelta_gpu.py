@@ -173,13 +173,19 @@ def encode(base_bits: torch.Tensor, ft_bits: torch.Tensor, shift: int, mask: int
 
 
 def decode(base_bits: torch.Tensor, sym: torch.Tensor, block_words: torch.Tensor, words: torch.Tensor, shift: int,
-           mask: int, block: int) -> torch.Tensor:
-    """Fine-tuned bits (base's integer dtype) - fmdelta_ref.decode; ValueError on an inconsistent payload."""
+           mask: int, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fine-tuned bits (base's integer dtype) - fmdelta_ref.decode; ValueError on an inconsistent payload.
+
+    `out` (contiguous, base's dtype and size) receives them in place: the codec decodes straight into its result."""
     if block % CHUNK:
         raise ValueError(f"raw-bit block {block} must be a multiple of {CHUNK}")
     dev, n, width = base_bits.device, base_bits.numel(), base_bits.element_size() * 8
     nblocks = -(-n // block)
-    out = torch.empty_like(base_bits)
+    if out is None:
+        out = torch.empty_like(base_bits)
+    elif out.dtype != base_bits.dtype or out.numel() != n or not out.is_contiguous() or out.device != dev:
+        raise ValueError(f"decode out= must be a contiguous {base_bits.dtype} tensor of {n} elements on {dev}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if n == 0:
         return out
     k = torch.empty(n, dtype=torch.uint8, device=dev)

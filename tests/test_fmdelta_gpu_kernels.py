@@ -23,6 +23,12 @@ def _check(mod, base: torch.Tensor, ft: torch.Tensor, block: int, context: bool)
     assert torch.equal(hist, torch.bincount(rsym, minlength=256))
     out = mod.decode(b, sym, bw, words, fmt.exp_shift, mask, block)
     assert out.dtype == b.dtype and torch.equal(out, f)
+    # in place, into a slice of a larger buffer (as the codec does): the slice is written, its neighbours are not
+    buf = torch.full((b.numel() + 6,), 7, dtype=b.dtype)
+    assert mod.decode(b, sym, bw, words, fmt.exp_shift, mask, block, out=buf[3:-3]).data_ptr() == buf[3:].data_ptr()
+    assert torch.equal(buf[3:-3], f) and (buf[:3] == 7).all() and (buf[-3:] == 7).all()
+    with pytest.raises(ValueError, match="out= must be"):
+        mod.decode(b, sym, bw, words, fmt.exp_shift, mask, block, out=buf[:-1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

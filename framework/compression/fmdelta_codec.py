@@ -184,10 +184,13 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
         if native:  # read the raw bits in place and decode straight into the output slice
             raw = np.frombuffer(wb, np.uint8)
             fmdelta_native.decode(b[a:a + n], sym, block_words, raw, fmt.exp_shift, mask, block, out=out[a:a + n])
-        else:
+        elif gpu:  # straight into the output slice (no temporary tensor, no extra device copy)
             dev = b.device
-            dec = _gpu_decode() if gpu else fmdelta_ref.decode
-            out[a:a + n] = dec(b[a:a + n], sym, block_words.to(dev), _words_on(wb, dev), fmt.exp_shift, mask, block)
+            _gpu_decode()(b[a:a + n], sym, block_words.to(dev), _words_on(wb, dev), fmt.exp_shift, mask, block,
+                          out=out[a:a + n])
+        else:
+            out[a:a + n] = fmdelta_ref.decode(b[a:a + n], sym, block_words, _words_on(wb, b.device), fmt.exp_shift,
+                                              mask, block)
         a += n
     return out.view(base.dtype).view(base.shape)
 
