@@ -73,8 +73,13 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts. Weights trained compressed (storage.train_compressed) count as trainable:
+    they are updated inside backward, so they carry requires_grad=False for the Lightning optimizer only."""
+    def trained(p: torch.nn.Parameter) -> bool:
+        return p.requires_grad or getattr(getattr(p, "_s", None), "trainer", None) is not None
+
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if trained(p))
     return trainable, total
 
 
