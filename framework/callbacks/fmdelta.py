@@ -2,8 +2,8 @@
 
 At `setup` (before Lightning restores any `ckpt_path`) the callback snapshots the freshly built model's state dict:
 that is the base. It then wraps the strategy's CheckpointIO: on save, the checkpoint's `state_dict` is replaced by an
-FM-Delta container (bytes) against the base, and the optimizer state is kept as usual or compressed with a generic
-codec (`optimizer_codec`); on load (resume with `ckpt_path=`) both are restored bit for bit before Lightning uses them,
+FM-Delta container (bytes) against the base, and the optimizer state (Lightning's, and that of weights trained
+compressed) is kept as usual or compressed with a generic codec (`optimizer_codec`); on load (resume with `ckpt_path=`) both are restored bit for bit before Lightning uses them,
 so a resumed run continues exactly as from an uncompressed checkpoint. A checkpoint made against another base fails
 with BaseMismatchError.
 """
@@ -26,6 +26,9 @@ from framework.config import check_choice
 
 CODECS = ("none", "zlib", "lzma", "zstd")
 KEY = "fmdelta"
+# optimizer state the generic codec covers: Lightning's, and the in-backward optimizer's of weights trained compressed
+# (storage.train_compressed: its momentum / Adam moments live under the LightningModule's own key)
+OPTIMIZER_KEYS = ("optimizer_states", "neuzip_optimizer")
 
 
 def generic_compress(data: bytes, codec: str, level: int | None = None) -> bytes:
@@ -111,13 +114,15 @@ class FMDeltaCheckpoint(L.Callback):
         blob: dict[str, Any] = {"version": 1, "state_dict": buf.getvalue(), "base_fingerprint": self.base_fp,
                                 "optimizer_codec": self.codec}
         self.sizes = {"state_dict_raw": _tensor_bytes(state), "state_dict_stored": len(blob["state_dict"])}
-        if "optimizer_states" in ckpt:
-            self.sizes["optimizer_raw"] = _tensor_bytes(ckpt["optimizer_states"])
+        present = [k for k in OPTIMIZER_KEYS if k in ckpt]
+        if present:
+            self.sizes["optimizer_raw"] = sum(_tensor_bytes(ckpt[k]) for k in present)
             if self.codec != "none":
-                ob = io.BytesIO()
-                torch.save(ckpt.pop("optimizer_states"), ob)
-                blob["optimizer_states"] = generic_compress(ob.getvalue(), self.codec, self.level)
-                self.sizes["optimizer_stored"] = len(blob["optimizer_states"])
+                for k in present:
+                    ob = io.BytesIO()
+                    torch.save(ckpt.pop(k), ob)
+                    blob[k] = generic_compress(ob.getvalue(), self.codec, self.level)
+                self.sizes["optimizer_stored"] = sum(len(blob[k]) for k in present)
         ckpt[KEY] = blob
         return ckpt
 
@@ -129,9 +134,10 @@ class FMDeltaCheckpoint(L.Callback):
         if self.base is None:
             raise RuntimeError("FMDeltaCheckpoint has no base: the callback was not set up by a Trainer")
         ckpt["state_dict"] = load_state_delta(io.BytesIO(blob["state_dict"]), self.base, base_fp=self.base_fp)
-        if "optimizer_states" in blob:
-            raw = generic_decompress(blob["optimizer_states"], blob["optimizer_codec"])
-            ckpt["optimizer_states"] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        for k in OPTIMIZER_KEYS:
+            if k in blob:
+                raw = generic_decompress(blob[k], blob["optimizer_codec"])
+                ckpt[k] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         return ckpt
 
 
