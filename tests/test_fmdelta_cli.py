@@ -67,3 +67,32 @@ def test_wrong_base_and_corruption_fail_clearly(tmp_path: Path, capsys) -> None:
     (tmp_path / "flip.fmd").write_bytes(bytes(blob))
     assert main(["verify", "--base", str(base), "--delta", str(tmp_path / "flip.fmd"), "--quiet"]) == 1
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_failed_runs_leave_no_partial_output(tmp_path: Path, capsys) -> None:
+    """A decompress against the wrong base writes nothing into --out and keeps what was there; a compress that fails
+    midway (a corrupt safetensors file) leaves no truncated delta and keeps the previous one."""
+    base, ft = make_pair(tmp_path, torch.float32)
+    delta, out = tmp_path / "d.fmd", tmp_path / "out"
+    assert main(["compress", "--base", str(base), "--finetuned", str(ft), "--out", str(delta), "--quiet"]) == 0
+    good = delta.read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(ft, other)
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous model")
+    assert main(["decompress", "--base", str(other), "--delta", str(delta), "--out", str(out), "--quiet"]) == 1
+    assert "wrong base model" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+    # the same delta against the right base then replaces the old file with the rebuilt one
+    assert main(["decompress", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (ft / "model.safetensors").read_bytes()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ft, bad)
+    (bad / "zz-broken.safetensors").write_bytes(b"\xff" * 64)  # after model.safetensors in the walk order
+    assert main(["compress", "--base", str(base), "--finetuned", str(bad), "--out", str(delta), "--quiet"]) == 1
+    capsys.readouterr()
+    assert delta.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []

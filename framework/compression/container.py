@@ -18,6 +18,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 MAGIC = b"FMDELTA\0"
@@ -42,7 +43,11 @@ class DeltaWriter:
 
     def __init__(self, f: BinaryIO | str | os.PathLike, header: dict[str, Any]):
         self._own = not hasattr(f, "write")
-        self.f: BinaryIO = open(f, "wb") if self._own else f  # type: ignore[arg-type]
+        # a path is written under a temporary name and renamed by close(): a failed or interrupted write never leaves
+        # a truncated container there, nor destroys the file it would have replaced
+        self._path = Path(f) if self._own else None  # type: ignore[arg-type]
+        self._tmp = self._path.with_name(f".{self._path.name}.partial") if self._path is not None else None
+        self.f: BinaryIO = open(self._tmp, "wb") if self._tmp is not None else f  # type: ignore[arg-type]
         self.index: list[dict[str, Any]] = []
         self.footer: dict[str, Any] = {}  # extra footer fields (known only at the end, e.g. a fingerprint)
         self.closed = False
@@ -73,6 +78,14 @@ class DeltaWriter:
         self.f.flush()
         if self._own:
             self.f.close()
+            os.replace(self._tmp, self._path)
+
+    def abort(self) -> None:
+        """Drop a container that will not be finished (its temporary file, when writing to a path)."""
+        self.closed = True
+        if self._own:
+            self.f.close()
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> DeltaWriter:
         return self
@@ -80,8 +93,8 @@ class DeltaWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.close()
-        elif self._own:
-            self.f.close()
+        else:
+            self.abort()
 
 
 def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -115,25 +118,38 @@ def _finish(current: dict[str, Any]) -> None:
 
 
 def decompress_dir(base_dir: Path, delta: Path, out_dir: Path, progress: bool = True) -> None:
+    """Rebuild the fine-tuned directory into `out_dir`. Files are written into a temporary directory beside it and
+    moved in only once every record has decoded and checked out: a wrong base, a corrupt or truncated delta never
+    leaves a partial model file in `out_dir` (nor overwrites one there)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     handles: dict[str, Any] = {}
+    written: list[str] = []
 
     def emit(rel: str, chunk: bytes, new: bool) -> None:
         if new:
             for h in handles.values():
                 h.close()
             handles.clear()
-            p = out_dir / rel
+            p = tmp / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             handles[rel] = open(p, "wb")
+            written.append(rel)
         handles[rel].write(chunk)
 
     try:
         walk(base_dir, delta, emit, progress)
+        for h in handles.values():
+            h.close()
+        for rel in written:
+            dst = out_dir / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / rel, dst)
     finally:
         for h in handles.values():
             h.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_dir(base_dir: Path, delta: Path, ft_dir: Path | None = None, progress: bool = True) -> int:
