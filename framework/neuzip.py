@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -18,18 +20,31 @@ from framework.quant.neuzip import NeuZipTensor
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder (safetensors preferred)."""
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of a checkpoint folder (safetensors preferred), read one at a time, so a model
+    larger than memory can be inspected."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model folder {d} does not exist")
     files = sorted(d.rglob("*.safetensors"))
     if files:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    yield k, fh.get_tensor(k)
+        return
     bins = sorted(d.rglob("pytorch_model*.bin"))
     if not bins:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin under {d}")
-    return {k: v for f in bins for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    for f in bins:
+        yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, in memory."""
+    return dict(iter_tensors(model_dir))
 
 
 def exponent_entropy(exps: torch.Tensor) -> float:
@@ -50,11 +65,18 @@ def tensor_stats(w: torch.Tensor, mantissa_bits: int | None = None) -> dict[str,
             "rel_err": float(err)}
 
 
-def model_stats(tensors: dict[str, torch.Tensor], dtype: torch.dtype, mantissa_bits: int | None = None,
-                min_numel: int = 4096) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
+def model_stats(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                mantissa_bits: int | None = None, min_numel: int = 4096, progress: bool = False
+                ) -> tuple[list[tuple[str, dict[str, float]]], dict[str, float]]:
     """Per-tensor stats of the float tensors with >= min_numel elements, and the weighted total."""
-    rows = [(name, tensor_stats(t.to(dtype), mantissa_bits)) for name, t in tensors.items()
+    from tqdm.auto import tqdm
+
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    rows = [(name, tensor_stats(t.to(dtype), mantissa_bits))
+            for name, t in tqdm(items, desc="neuzip stats", unit="tensor", disable=not progress)
             if t.is_floating_point() and t.numel() >= min_numel]
+    if not rows:
+        raise ValueError(f"no float tensor with at least {min_numel} elements to measure (see --min-numel)")
     n = sum(r["numel"] for _, r in rows)
     tot = {"numel": n}
     for key in ("H_exp", "bound", "bits"):
@@ -65,7 +87,7 @@ def model_stats(tensors: dict[str, torch.Tensor], dtype: torch.dtype, mantissa_b
     return rows, tot
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m framework.neuzip")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-tensor entropy, achieved bits/weight, ratio vs bound")
@@ -73,13 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     st.add_argument("--mantissa-bits", type=int, default=None, help="lossy: kept mantissa bits (default lossless)")
     st.add_argument("--min-numel", type=int, default=4096)
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    rows, tot = model_stats(load_tensors(a.model_dir), DTYPES[a.dtype], a.mantissa_bits, a.min_numel)
+    try:
+        rows, tot = model_stats(iter_tensors(a.model_dir), DTYPES[a.dtype], a.mantissa_bits, a.min_numel,
+                                progress=not a.quiet)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{'tensor':60s} {'numel':>10s} {'H(exp)':>7s} {'bound':>7s} {'bits':>7s} {'ratio':>6s} {'rel_err':>9s}")
     for name, r in [*rows, ("TOTAL", tot)]:
         print(f"{name[:60]:60s} {r['numel']:>10d} {r['H_exp']:7.3f} {r['bound']:7.3f} {r['bits']:7.3f} "
               f"{r['ratio']:6.3f} {r['rel_err']:9.2e}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
