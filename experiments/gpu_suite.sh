@@ -10,7 +10,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"; export OUT
-STAGES=${STAGES:-"nf4 cce fmdelta neuzip headline nzmem tests"}
+STAGES=${STAGES:-"nf4 cce fmdelta neuzip anslayout headline nzmem tests"}
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -45,6 +45,12 @@ if want neuzip; then
   cap "${T_NEUZIP:-90}" python3 experiments/neuzip_speed.py --sweep-sizes 128 --spl 256,512 \
     --shapes 128x4p,256x8p,128x4 --sizes 1,8,128,512,1024 --out "$OUT/neuzip_speed.md" > "$OUT/neuzip_log.txt" 2>&1
   tail -12 "$OUT/neuzip_speed.md"
+fi
+if want anslayout; then
+  stamp "ans_layout_proto"
+  cap "${T_ANSLAYOUT:-90}" python3 experiments/ans_layout_proto.py --out "$OUT/ans_layout_proto.md" \
+    > "$OUT/ans_layout_log.txt" 2>&1
+  grep "^|" "$OUT/ans_layout_proto.md"
 fi
 if want headline; then
   stamp "headline"
