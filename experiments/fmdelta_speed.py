@@ -185,7 +185,9 @@ def main() -> None:
     target = 5000 if a.device == "cuda" else 300
     lines = [f"# FM-Delta throughput on {a.device} ({dev})", "",
              f"torch {torch.__version__}, triton {triton.__version__}, zstandard {zv}, threads "
-             f"{torch.get_num_threads()}, cores {os.cpu_count()}; pair: {a.tensors} x {a.numel} {a.dtype} "
+             f"{torch.get_num_threads()}, cores {os.cpu_count()}; THP_MEM_ALLOC_ENABLE="
+             f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (torch's huge-page CPU allocations); pair: {a.tensors} x "
+             f"{a.numel} {a.dtype} "
              "(synthetic Adam-like fine-tune, see script docstring). Target: >= "
              f"{target} MB/s; anchor: reference C++ core 110 MB/s encode / 75 MB/s decode (1 thread).",
              f"Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load0)}, after: "
@@ -204,7 +206,8 @@ def main() -> None:
     lines += ["", "host MB first-touched = minor page faults during the row x 4 KiB (fresh host memory the pass "
               "wrote); device MB newly reserved = growth of torch's CUDA caching allocator (cudaMalloc) during the "
               "row, warm-up included."]
-    suffix = "_reserved" if a.reserve and a.device == "cuda" else ""
+    suffix = ("_reserved" if a.reserve and a.device == "cuda" else "") + (
+        "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "")
     (OUT / f"fmdelta_speed_{a.device}{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,6 +39,10 @@ if want fmdelta; then
   FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda --reserve \
     > "$OUT/fmdelta_reserved_log.txt" 2>&1
   grep "first pass" "$OUT/fmdelta_reserved_log.txt"
+  # and with torch's CPU tensors on huge pages: is it host first-touch page faults?
+  THP_MEM_ALLOC_ENABLE=1 FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda \
+    --reserve > "$OUT/fmdelta_thp_log.txt" 2>&1
+  grep "first pass" "$OUT/fmdelta_thp_log.txt"
 fi
 if want neuzip; then
   stamp "neuzip_speed"
