@@ -343,17 +343,25 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
                       block_size: int = 64) -> list[MMConfig]:
     """Tile shapes to time, each with its `_split`: per-element-scale tl.dot tiles (any layout), or where scale blocks
     never straddle rows the blocked tl.dot tiles (faster in every shape measured) plus, for `gemv_ok` row counts, the
-    tensor-core-free ones; the best of each kind also with 3 pipeline stages and with twice the split."""
+    tensor-core-free ones; the best of each kind also with 3 pipeline stages, with twice the split and shallow
+    (`variants`)."""
     hb = block_size // 2
+
+    def steps(cfg: MMConfig) -> int:
+        return math.ceil(n / cfg.tn) if trans else math.ceil((k // 2) / cfg.tkb)
 
     def make(tn: int, tkb: int, warps: int, **kind: bool) -> MMConfig:
         tkb = max(tkb, hb) // hb * hb if (kind.get("blocked") or kind.get("gemv")) else tkb
+        cfg = MMConfig(tn, tkb, 1, warps, **kind)
         tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
-        steps = math.ceil(n / tn) if trans else math.ceil((k // 2) / tkb)
-        return MMConfig(tn, tkb, _split(tiles, steps, sms), warps, **kind)
+        return replace(cfg, split=_split(tiles, steps(cfg), sms))
 
     def variants(cfg: MMConfig) -> list[MMConfig]:
-        return [cfg, replace(cfg, stages=3), replace(cfg, split=min(64, 2 * cfg.split))]
+        """The config, with 3 pipeline stages, with twice the split, and shallow: (about) one loop step per program,
+        every load issued up front, for few-row products that are bound by memory latency rather than bandwidth."""
+        shallow = replace(cfg, split=_pow2_floor(min(64, steps(cfg))))
+        out = [cfg, replace(cfg, stages=3), replace(cfg, split=min(64, 2 * cfg.split))]
+        return out + ([shallow] if shallow not in out else [])
 
     if k % block_size:
         return [make(tn, tkb, w) for tn, tkb, w in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8))]
