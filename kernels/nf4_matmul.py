@@ -313,6 +313,11 @@ if triton is not None:
         _finish_pair(tl.reduce(acc_e, 0, _add), tl.reduce(acc_o, 0, _add), out_ptr, ws_ptr, lock_ptr + pid_o, 2 * col, col < K2, pid_s, K, SPLIT)
 
 
+if triton is not None:  # repeat launches skip Triton's per-call argument binding (kernels/launch.py)
+    from kernels.launch import Fast
+
+    _GEMV_T, _GEMV, _MM = Fast(_nf4_gemv_t_kernel), Fast(_nf4_gemv_kernel), Fast(_nf4_mm_kernel)
+
 _WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _CONFIGS: dict[tuple, MMConfig] = {}
 _SMS: dict[torch.device, int] = {}
@@ -399,13 +404,13 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
             raise ValueError(f"GEMV config {cfg} does not apply to m={m}, k={k}, block_size={block_size}, "
                              f"trans={trans}")
         if trans:
-            _nf4_gemv_t_kernel[(tiles, cfg.split)](
+            _GEMV_T[(tiles, cfg.split)](
                 a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
                 n, k, a.stride(1), float(offset or 0.0),
                 BS=block_size, DQ=dq, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, num_warps=cfg.warps,
                 num_stages=cfg.stages)
         else:
-            _nf4_gemv_kernel[(tiles, cfg.split)](
+            _GEMV[(tiles, cfg.split)](
                 a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
                 m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
                 BS=block_size, DQ=dq, BM=triton.next_power_of_2(m), TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split,
@@ -414,7 +419,7 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
     if cfg.blocked and (k % block_size or cfg.tkb % (block_size // 2)):
         raise ValueError(f"blocked config {cfg} needs in_features ({k}) a multiple of block_size ({block_size})")
     bm = max(16, triton.next_power_of_2(m))
-    _nf4_mm_kernel[(tiles, cfg.split)](
+    _MM[(tiles, cfg.split)](
         a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
         m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
         TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=_DOT_F32,
