@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -110,6 +111,46 @@ def linear_rows(shapes: list[tuple[int, int]], tokens: list[int]) -> list[dict]:
     return rows
 
 
+def host_us(f, x: torch.Tensor, calls: int = 2000) -> float:
+    """Wall-clock us per call of `calls` back-to-back no-grad calls (one sync at the end): for launch-bound sizes
+    this is the host cost per call, the figure a batch-1 generation step pays per Linear."""
+    with torch.no_grad():
+        for _ in range(50):
+            f(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f(x)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def host_rows(shapes: list[tuple[int, int]]) -> list[dict]:
+    """1-token forward, wall clock per call: bitsandbytes, ours through Triton's launch and through kernels/launch
+    (MEMFIT_FAST_LAUNCH's path), and dense bf16, in one process on the same input."""
+    from kernels import launch
+
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
+        lin_b = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        lin_b.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                         compress_statistics=False)
+        lin_b = lin_b.cuda()
+        q, wd = NF4Tensor.from_dense(w.cuda(), 64), w.cuda()
+        x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+        row = {"shape": f"{out_f}x{in_f}", "bnb_us": host_us(lin_b, x)}
+        was = launch.ENABLED
+        for name, on in (("ours_triton_launch_us", False), ("ours_fast_launch_us", True)):
+            launch.ENABLED = on
+            row[name] = host_us(lambda t, q=q: F.linear(t, q), x)
+        launch.ENABLED = was
+        row["dense_us"] = host_us(lambda t, w=wd: F.linear(t, w), x)
+        row["bnb/ours_fast"] = row["bnb_us"] / row["ours_fast_launch_us"]
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -169,6 +210,10 @@ def main() -> None:
     shapes = [(4096, 4096), (14336, 4096)]
     deq = dequant_rows(shapes)
     lin = linear_rows([*shapes, (4096, 14336)], [1, 16] if args.quick else [1, 16, 4096])
+    try:  # a failure here must not lose the tables above
+        host = table(host_rows([*shapes, (4096, 14336)]))
+    except Exception as err:  # noqa: BLE001
+        host = f"(failed: {type(err).__name__}: {err})"
     from kernels.nf4_matmul import _CONFIGS
 
     tuned = [{"direction": "x@W^T (fwd)" if not key[0] else "g@W (bwd)", "W (out x in)": f"{key[1]}x{key[2]}",
@@ -183,6 +228,9 @@ def main() -> None:
         "## Dequantize (bf16 out; bytes = 4-bit codes + fp32 absmax + bf16 output)", "", table(deq), "",
         "## Linear, bf16, no bias: forward (no grad) and forward+backward (grad to input); ratio = bnb / ours (>1: we are "
         "faster)", "", table(lin), "",
+        "## 1-token forward, wall clock per call (2000 back-to-back no-grad calls, one sync)", "",
+        "ours_triton_launch = Triton's `kernel[grid]` per call; ours_fast_launch = kernels/launch.Fast (the compiled "
+        "kernel reused, `MEMFIT_FAST_LAUNCH=1`); both bit-identical (tests/test_nf4_gpu.py).", "", host, "",
         "## Fused-kernel configs picked by the first-use autotune", "", table(tuned) if tuned else "(none)", "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
