@@ -361,12 +361,15 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
         tiles = math.ceil((k // 2) / tkb) if trans else math.ceil(n / tn)
         return replace(cfg, split=_split(tiles, steps(cfg), sms))
 
+    def shallow(cfg: MMConfig) -> MMConfig:
+        """(About) one loop step per program, every load issued up front: for few-row products bound by memory
+        latency rather than bandwidth."""
+        return replace(cfg, split=_pow2_floor(min(64, steps(cfg))))
+
     def variants(cfg: MMConfig) -> list[MMConfig]:
-        """The config, with 3 pipeline stages, with twice the split, and shallow: (about) one loop step per program,
-        every load issued up front, for few-row products that are bound by memory latency rather than bandwidth."""
-        shallow = replace(cfg, split=_pow2_floor(min(64, steps(cfg))))
-        out = [cfg, replace(cfg, stages=3), replace(cfg, split=min(64, 2 * cfg.split))]
-        return out + ([shallow] if shallow not in out else [])
+        """The config, with 3 pipeline stages, with twice the split, and shallow."""
+        return list(dict.fromkeys([cfg, replace(cfg, stages=3), replace(cfg, split=min(64, 2 * cfg.split)),
+                                   shallow(cfg)]))
 
     if k % block_size:
         return [make(tn, tkb, w) for tn, tkb, w in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8))]
@@ -375,8 +378,12 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
         shapes = ((16, 128, 4), (64, 64, 4), (32, 64, 4)) if trans else ((16, 256, 4), (64, 64, 4), (64, 128, 8),
                                                                           (32, 128, 4))
         gemv = [make(tn, tkb, w, gemv=True) for tn, tkb, w in shapes]
-        out += variants(gemv[0]) + gemv[1:]
-    return out
+        # wide tiles: a few rows (forward: about a row per warp) over 1 KB of each row per step, like bitsandbytes'
+        # one-token kernel; plain and shallow
+        wide = [make(tn, tkb, w, gemv=True) for tn, tkb, w in (((8, 512, 4),) if trans else ((4, 1024, 4),
+                                                                                            (8, 1024, 8)))]
+        out += variants(gemv[0]) + gemv[1:] + [c for cfg in wide for c in dict.fromkeys([cfg, shallow(cfg)])]
+    return list(dict.fromkeys(out))
 
 
 def _workspace(device: torch.device, n_out: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,3 +131,20 @@ def test_block_tiled_configs_reject_shapes_they_cannot_serve():
     assert any(c.gemv for c in candidate_configs(4096, 4096, True, 132, m=1))
     assert not any(c.gemv for c in candidate_configs(4096, 4096, True, 132, m=2))
     assert any(c.blocked for c in candidate_configs(4096, 4096, True, 132, m=2))
+
+
+@pytest.mark.parametrize("trans,tn,tkb,split", [(False, 4, 256, 1), (False, 4, 256, 2), (False, 8, 512, 1),
+                                                (True, 8, 256, 1), (True, 8, 256, 4)])
+def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split):
+    """The wide GEMV tiles of the autotune (a few rows over many scale blocks per step, plain and shallow)."""
+    mod = interpreted("nf4_matmul.py")
+    n, k = 40, 1024  # 512 bytes a row: one or two steps per program, a partial last row tile
+    g = torch.Generator().manual_seed(tn + tkb + split)
+    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), 64)
+    a = torch.randn(1, n if trans else k, generator=g).to(torch.bfloat16)
+    w64 = dense_f64(q)
+    ref = a.double() @ w64 if trans else a.double() @ w64.t()
+    cfg = mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True)
+    out = mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, None, cfg)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
+    assert any(c.gemv and c.tkb >= 512 for c in mod.candidate_configs(4096, 4096, trans, 132, m=1))
