@@ -125,6 +125,9 @@ def mlp_rows(spl: int, tokens: int = 4096, d: int = 4096, h: int = 14336) -> lis
         rows.append(f"| {name} | {t * 1e3:.2f} | {t / t_dense:.2f} |")
         print(rows[-1], flush=True)
     pf.ENABLED = False  # the library default
+    z3 = {k: NeuZipTensor.from_dense(v, 3, symbols_per_lane=spl) for k, v in ws.items()}  # lossy: for comparison only
+    t = timed(lambda: step(z3["gate"], z3["up"], z3["down"]))
+    rows.append(f"| NeuZip 3-bit mantissa (lossy, not the target row), no prefetch | {t * 1e3:.2f} | {t / t_dense:.2f} |")
     return rows
 
 
