@@ -7,7 +7,8 @@ at 12 probability bits). Two candidates, each checked bit-exact against the libr
   lane by lane), so the lanes of a group that renormalise at a step read consecutive words (one or two cache lines);
   each lane finds its word by an exclusive prefix sum of the group's `need` flags. Streams are re-laid out here from
   the library's encoding by simulating the decode (an encoder could emit this order directly).
-- 4-byte table: symbol | (slot - cum) << 8 | (freq - 1) << 20 (prob_bits <= 12), half the table footprint.
+- 4-byte table: symbol | (slot - cum) << 8 | (freq - 1) << 20 (prob_bits <= 12), half the table footprint
+  (kernels/ans_triton.slot_table wide=False; the library decoder has it behind DECODE_TABLE32).
 Symbols only (the sign/mantissa merge is the same in every variant). GB/s = dense bf16 bytes the symbols stand for
 / median kernel time (triton do_bench). Writes experiments/results/ans_layout_proto.md.
 Usage: python experiments/ans_layout_proto.py [--sizes 128,512] [--spl 256]
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kernels.ans import ANS_L, ans_encode  # noqa: E402
-from kernels.ans_triton import launch_decode  # noqa: E402
+from kernels.ans_triton import launch_decode, slot_table  # noqa: E402
 
 
 @triton.jit
@@ -69,25 +70,6 @@ def _decode_proto(words_ptr, starts_ptr, states_ptr, tab_ptr, out_ptr, n, lanes,
         x = tl.where(active, tl.where(need, (xn << 16) | w, xn), x)
         tl.store(out_ptr + idx, s.to(tl.uint8), mask=active)
         idx += lanes
-
-
-def table32(freqs: torch.Tensor, prob_bits: int, device: torch.device) -> torch.Tensor:
-    """int32 per slot: symbol | (slot - cum) << 8 | (freq - 1) << 20, the bit pattern of a uint32."""
-    if prob_bits > 12:
-        raise ValueError("the 4-byte table needs prob_bits <= 12")
-    f = freqs.to(device, torch.int64)
-    m = 1 << prob_bits
-    sym = torch.repeat_interleave(torch.arange(f.numel(), device=device), f, output_size=m)
-    cum = torch.cumsum(f, 0) - f
-    v = sym | ((torch.arange(m, device=device) - cum[sym]) << 8) | ((f[sym] - 1) << 20)
-    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
-
-
-def table64(freqs: torch.Tensor, prob_bits: int, device: torch.device) -> torch.Tensor:
-    """The library's 8-byte slot table (kernels/ans_triton.slot_table layout)."""
-    from kernels.ans_triton import slot_table
-
-    return slot_table(freqs, prob_bits, device)
 
 
 def reads(enc) -> torch.Tensor:
@@ -145,7 +127,7 @@ def variants(enc, block: int, g: int) -> dict[str, tuple]:
     """name -> (words, starts, table, grouped, G): the library layout and the candidates."""
     dev = enc.words.device
     gw, gs = to_groups(enc, g)
-    t64, t32 = table64(enc.freqs, enc.prob_bits, dev), table32(enc.freqs, enc.prob_bits, dev)
+    t64, t32 = (slot_table(enc.freqs, enc.prob_bits, dev, wide=w) for w in (True, False))
     lw, ls = enc.words, enc.lane_offsets
     return {"per-lane words, 8-byte table": (lw, ls, t64, False, block),
             "per-lane words, 4-byte table": (lw, ls, t32, False, block),

@@ -47,7 +47,7 @@ fi
 if want neuzip; then
   stamp "neuzip_speed"
   cap "${T_NEUZIP:-90}" python3 experiments/neuzip_speed.py --sweep-sizes 128 --spl 256,512 \
-    --shapes 128x4p,256x8p,128x4 --sizes 1,8,128,512,1024 --out "$OUT/neuzip_speed.md" > "$OUT/neuzip_log.txt" 2>&1
+    --shapes 128x4p,256x8p,128x4,128x4t,128x4pt,256x8pt --sizes 1,8,128,512,1024 --out "$OUT/neuzip_speed.md" > "$OUT/neuzip_log.txt" 2>&1
   tail -12 "$OUT/neuzip_speed.md"
 fi
 if want anslayout; then

@@ -55,7 +55,20 @@ def set_launch(block: int, warps: int, prefetch: bool = False) -> None:
     ans_triton.DECODE_BLOCK, ans_triton.DECODE_WARPS, ans_triton.DECODE_PREFETCH = block, warps, prefetch
 
 
-def sweep_rows(sizes_mb: list[int], spls: list[int], shapes: list[tuple[int, int, bool]]) -> tuple[list[str], tuple]:
+def set_table(z: NeuZipTensor, table32: bool) -> None:
+    """Rebuild z's cached decode table with 4-byte (table32) or 8-byte entries."""
+    z.enc.table = ans_triton.slot_table(z.enc.freqs, z.enc.prob_bits, z.enc.words.device, wide=not table32)
+
+
+def parse_shape(s: str) -> tuple[int, int, bool, bool]:
+    """'128x4pt' -> (lanes per program, warps, prefetch, 4-byte table)."""
+    block, warps = (int(v) for v in s.rstrip("pt").split("x"))
+    flags = s[len(s.rstrip("pt")):]
+    return block, warps, "p" in flags, "t" in flags
+
+
+def sweep_rows(sizes_mb: list[int], spls: list[int], shapes: list[tuple[int, int, bool, bool]]
+               ) -> tuple[list[str], tuple]:
     """Fused dequantize GB/s per (size, spl, block, warps); returns the rows and the best (spl, block, warps) at the
     largest size <= 128 MB (the regime of real layer matrices)."""
     rows, best = [], {}
@@ -65,19 +78,21 @@ def sweep_rows(sizes_mb: list[int], spls: list[int], shapes: list[tuple[int, int
             z = NeuZipTensor.from_dense(w, symbols_per_lane=spl)
             assert torch.equal(z.dequantize().view(torch.int16), w.view(torch.int16))
             bits = 8 * z.compressed_nbytes / w.numel()
-            for block, warps, pre in shapes:
+            for block, warps, pre, t32 in shapes:
                 set_launch(block, warps, pre)
+                set_table(z, t32)
+                assert torch.equal(z.dequantize().view(torch.int16), w.view(torch.int16))
                 t = timed(z.dequantize)
                 gbs = w.numel() * 2 / t / 1e9
-                best.setdefault(mb, []).append((gbs, spl, block, warps, pre))
-                rows.append(f"| {mb} | {spl} | {bits:.3f} | {block} | {warps} | {pre} | {gbs:.1f} |")
+                best.setdefault(mb, []).append((gbs, spl, block, warps, pre, t32))
+                rows.append(f"| {mb} | {spl} | {bits:.3f} | {block} | {warps} | {pre} | {4 if t32 else 8} | {gbs:.1f} |")
                 print(rows[-1], flush=True)
             z = None
         w = None
         torch.cuda.empty_cache()
     key = max([m for m in best if m <= 128] or best)
-    _, spl, block, warps, pre = max(best[key])
-    return rows, (spl, block, warps, pre)
+    _, spl, block, warps, pre, t32 = max(best[key])
+    return rows, (spl, block, warps, pre, t32)
 
 
 def throughput_rows(sizes_mb: list[int], spl: int) -> list[str]:
@@ -136,7 +151,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8,128,512,1024")
     ap.add_argument("--sweep-sizes", default="128,1024")
     ap.add_argument("--spl", default="512,1024,2048", help="symbols per lane tried in the sweep")
-    ap.add_argument("--shapes", default="64x2,128x4,256x4,512x4,256x8", help="lanes-per-program x warps, a trailing p: with the one-step sign/mantissa prefetch")
+    ap.add_argument("--shapes", default="64x2,128x4,256x4,512x4,256x8", help="lanes-per-program x warps; trailing p: with the one-step sign/mantissa prefetch, t: 4-byte decode-table "
+                    "entries")
     ap.add_argument("--out", default="experiments/results/neuzip_speed.md")
     a = ap.parse_args()
     outs = [Path(a.out)] + ([Path(os.environ["OUT"], "neuzip_speed.md")] if os.environ.get("OUT") else [])
@@ -146,7 +162,7 @@ def main() -> None:
             "GB/s = dense bf16 bytes / time (CUDA events, median of 5 after a warm-up). Weights: N(0, 0.02) in bf16 "
             "(random, not trained: real exponent statistics differ a little). spl = symbols per rANS lane.\n",
             "## Fused decode kernel: launch-shape sweep\n", "| MB | spl | bits/weight | lanes/program | warps | "
-            "prefetch | dequantize GB/s |", "|---|---|---|---|---|---|---|"]
+            "prefetch | table bytes/entry | dequantize GB/s |", "|---|---|---|---|---|---|---|---|"]
 
     def flush(extra: list[str]) -> None:
         body = "\n".join(text + extra) + f"\n\n(total benchmark time {time.time() - t0:.0f} s)\n"
@@ -154,13 +170,14 @@ def main() -> None:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(body)
 
-    shapes = [(*(int(v) for v in s.rstrip("p").split("x")), s.endswith("p")) for s in a.shapes.split(",")]
-    rows, (spl, block, warps, pre) = sweep_rows([int(s) for s in a.sweep_sizes.split(",")],
-                                           [int(s) for s in a.spl.split(",")], shapes)
-    text += rows + [f"\nbest at <= 128 MB: spl={spl}, {block} lanes/program, {warps} warps, prefetch {pre} (used "
-                    "below)\n"]
+    shapes = [parse_shape(s) for s in a.shapes.split(",")]
+    rows, (spl, block, warps, pre, t32) = sweep_rows([int(s) for s in a.sweep_sizes.split(",")],
+                                                [int(s) for s in a.spl.split(",")], shapes)
+    text += rows + [f"\nbest at <= 128 MB: spl={spl}, {block} lanes/program, {warps} warps, prefetch {pre}, "
+                    f"{4 if t32 else 8}-byte table entries (used below)\n"]
     flush([])
     set_launch(block, warps, pre)
+    ans_triton.DECODE_TABLE32 = t32  # the tables built below take the winner's entry width
     text += ["## Throughput\n", "dequantize = the fused kernel (rANS lanes + sign/mantissa merge, one launch); "
              "unfused = the previous path (rANS kernel, then torch ops for the merge); rANS-only = symbol decode "
              "alone; copy = dense clone (memory-bandwidth peer); x copy = dequantize time / copy time.\n",

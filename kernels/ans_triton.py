@@ -37,7 +37,7 @@ def _load_sm(packed_ptr, idx, n, active, PLANES: tl.constexpr, REST: tl.constexp
 def _decode_kernel(words_ptr, offs_ptr, states_ptr, tab_ptr, packed_ptr, out_ptr, end_x_ptr, end_p_ptr, n, lanes, steps,
                    PROB_BITS: tl.constexpr, MERGE: tl.constexpr, K: tl.constexpr, MAN_BITS: tl.constexpr,
                    SIGN_SHIFT: tl.constexpr, WIDE: tl.constexpr, PLANES: tl.constexpr, REST: tl.constexpr, VALIDATE: tl.constexpr,
-                   BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                   BLOCK: tl.constexpr, PREFETCH: tl.constexpr, TAB32: tl.constexpr):
     """Decode the lanes of one program; with MERGE, also rebuild each float from its exponent symbol and its
     sign+mantissa field (PLANES whole byte planes, then REST bits packed 8 values per REST bytes: see
     framework/quant/neuzip_codec.pack_bits) and store the float's bit pattern (int16, or int32 when WIDE)."""
@@ -51,9 +51,14 @@ def _decode_kernel(words_ptr, offs_ptr, states_ptr, tab_ptr, packed_ptr, out_ptr
         sm_next = _load_sm(packed_ptr, idx, n, lm & (idx < n), PLANES, REST, BLOCK)
     for _ in range(steps):
         active = lm & (idx < n)
-        e = tl.load(tab_ptr + (x & ((1 << PROB_BITS) - 1)))
-        s = (e & 0xFF).to(tl.uint32)
-        xn = (e >> 24).to(tl.uint32) * (x >> PROB_BITS) + ((e >> 8) & 0xFFFF).to(tl.uint32)
+        if TAB32:  # symbol | (slot - cum) << 8 | (freq - 1) << 20 (slot_table with wide=False)
+            e = tl.load(tab_ptr + (x & ((1 << PROB_BITS) - 1))).to(tl.uint32, bitcast=True)
+            s = e & 0xFF
+            xn = ((e >> 20) + 1) * (x >> PROB_BITS) + ((e >> 8) & 0xFFF)
+        else:
+            e = tl.load(tab_ptr + (x & ((1 << PROB_BITS) - 1)))
+            s = (e & 0xFF).to(tl.uint32)
+            xn = (e >> 24).to(tl.uint32) * (x >> PROB_BITS) + ((e >> 8) & 0xFFFF).to(tl.uint32)
         need = active & (xn < 65536)
         # bounded by the lane's own words: a corrupt stream can never read outside `words` (no pad word needed)
         w = (tl.load(words_ptr + p, mask=need & (p < p_end), other=0).to(tl.int32) & 0xFFFF).to(tl.uint32)
@@ -131,16 +136,28 @@ def histogram(symbols: torch.Tensor, block: int = 4096, iters: int = 16) -> torc
     return out
 
 
-def slot_table(freqs: torch.Tensor, prob_bits: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """int64 per probability slot: symbol | (slot - cum) << 8 | freq << 24, built on `device` with no host sync.
+def slot_table(freqs: torch.Tensor, prob_bits: int, device: torch.device | str | None = None,
+               wide: bool | None = None) -> torch.Tensor:
+    """The decoder's entry per probability slot, built on `device` with no host sync: int64 symbol | (slot - cum) << 8
+    | freq << 24, or (`wide=False`, prob_bits <= 12) the int32 bit pattern of symbol | (slot - cum) << 8 |
+    (freq - 1) << 20, half the footprint in the L1 cache. `wide=None`: int32 where DECODE_TABLE32 and prob_bits
+    allow. The decode kernel reads the layout from the table's dtype.
 
     `freqs` must already be valid (sums to 2**prob_bits): repeat_interleave is given that size instead of reading it.
     """
+    if wide is None:
+        wide = not (DECODE_TABLE32 and prob_bits <= 12)
+    if not wide and prob_bits > 12:
+        raise ValueError(f"the 4-byte slot table needs prob_bits <= 12, got {prob_bits}")
     f = freqs.to(device if device is not None else freqs.device, torch.int64)
     m = 1 << prob_bits
     sym = torch.repeat_interleave(torch.arange(f.numel(), device=f.device), f, output_size=m)
     cum = torch.cumsum(f, 0) - f
-    return sym | ((torch.arange(m, device=f.device) - cum[sym]) << 8) | (f[sym] << 24)
+    rel = torch.arange(m, device=f.device) - cum[sym]
+    if wide:
+        return sym | (rel << 8) | (f[sym] << 24)
+    v = sym | (rel << 8) | ((f[sym] - 1) << 20)
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
 
 
 # launch shape of the decode kernel: lanes per program and warps; BLOCK > 32 * num_warps gives each thread several
@@ -149,6 +166,9 @@ DECODE_BLOCK = 128
 DECODE_WARPS = 4
 # load each step's sign/mantissa field one step early, so its memory latency overlaps the rANS step before it
 DECODE_PREFETCH = True  # +10% at 128 MB on an H200 (experiments/neuzip_speed.py sweep)
+# 4-byte decode-table entries (slot_table wide=False) for tables built from now on: half the L1 footprint of the
+# random per-step gather; off until a GPU sweep (neuzip_speed.py shapes with a trailing t) shows it faster
+DECODE_TABLE32 = False
 
 
 def launch_decode(words: torch.Tensor, offsets: torch.Tensor, states: torch.Tensor, table: torch.Tensor, n: int,
@@ -174,7 +194,7 @@ def launch_decode(words: torch.Tensor, offsets: torch.Tensor, states: torch.Tens
         words, offsets, states, table, packed if merge else out, out, end_x, end_p, n, lanes, steps,
         PROB_BITS=prob_bits, MERGE=merge, K=mantissa_bits, MAN_BITS=man_bits, SIGN_SHIFT=total_bits - 1,
         WIDE=total_bits == 32, PLANES=width // 8, REST=width % 8, VALIDATE=validate, BLOCK=block,
-        PREFETCH=DECODE_PREFETCH, num_warps=num_warps)
+        PREFETCH=DECODE_PREFETCH, TAB32=table.dtype == torch.int32, num_warps=num_warps)
     return (end_x, end_p) if validate else None
 
 

@@ -25,23 +25,33 @@ from tests.test_neuzip import _adversarial
 def bits(t):
     return t.view(codec.FORMATS[t.dtype].int_dtype)
 
-for dtype, pre in [(d, p) for d in (torch.bfloat16, torch.float16, torch.float32) for p in (False, True)]:
+for dtype, pre, t32 in [(d, p, t) for d in (torch.bfloat16, torch.float16, torch.float32) for p in (False, True)
+                        for t in (False, True)]:
     ans_triton.DECODE_PREFETCH = pre  # the one-step-early sign/mantissa loads
+    ans_triton.DECODE_TABLE32 = t32  # 4-byte decode-table entries (tables built from here on)
     adv = _adversarial(dtype)
     finite = adv[~torch.isnan(adv)]
     for k, block, w in ((None, None, adv), (0, None, finite), (1, None, adv), (3, None, adv), (3, 16, finite)):
         w = w[:1001]  # 1001: not a multiple of the lane count nor of 8 (partial bit-packed group)
         z = NeuZipTensor.from_dense(w, k, block=block, symbols_per_lane=37)
         got = z.dequantize(use_triton=True)
-        assert torch.equal(bits(got), bits(z.dequantize(use_triton=False))), (dtype, k, block, pre)
+        assert z.enc.decode_table().dtype == (torch.int32 if t32 else torch.int64)
+        assert torch.equal(bits(got), bits(z.dequantize(use_triton=False))), (dtype, k, block, pre, t32)
         if k is None:
             assert torch.equal(bits(got), bits(w)), dtype
-ans_triton.DECODE_PREFETCH = False
+ans_triton.DECODE_PREFETCH = ans_triton.DECODE_TABLE32 = False
 # the plain symbol decode through the same kernel, with the cached table, and the end-state check
 x = (torch.randn(777, generator=torch.Generator().manual_seed(0)) * 3).round().clamp(-9, 9).add(9).to(torch.uint8)
 e = ans.ans_encode(x, lanes=13)
 assert torch.equal(ans_triton.decode(e.words, e.lane_offsets, e.final_states, e.n, e.lanes, None, e.freqs, None,
                                      e.prob_bits, table=e.decode_table(), block=16, num_warps=1), x)
+# 4-byte entries at the extremes: a one-symbol stream (freq 4096 = 2**12) and a flat 256-symbol one
+for y in (torch.full((500,), 3, dtype=torch.uint8), torch.arange(256, dtype=torch.uint8).repeat(3)):
+    ey = ans.ans_encode(y, lanes=7)
+    t32 = ans_triton.slot_table(ey.freqs, ey.prob_bits, wide=False)
+    assert t32.dtype == torch.int32
+    assert torch.equal(ans_triton.decode(ey.words, ey.lane_offsets, ey.final_states, ey.n, ey.lanes, None, ey.freqs,
+                                         None, ey.prob_bits, table=t32, block=16, num_warps=1), y)
 for cut in (1, 40):  # truncated words: lanes over-run their end; the kernel must mask, and the check must fire
     w = e.words[: e.words.numel() - cut].clone()
     o = e.lane_offsets.clamp(max=w.numel())
