@@ -60,9 +60,9 @@ def _decode_proto(words_ptr, starts_ptr, states_ptr, tab_ptr, out_ptr, n, lanes,
             xn = (e >> 24).to(tl.uint32) * (x >> PROB_BITS) + ((e >> 8) & 0xFFFF).to(tl.uint32)
         need = active & (xn < 65536)
         if GROUPED:
-            nd = tl.reshape(need.to(tl.int64), (NG, G))
-            at = tl.reshape(gp[:, None] + tl.cumsum(nd, 1) - nd, (BLOCK,))
-            gp += tl.sum(nd, 1)
+            nd = tl.reshape(need.to(tl.int32), (NG, G))  # 32-bit scan: half the shuffles of a 64-bit one
+            at = tl.reshape(gp[:, None] + (tl.cumsum(nd, 1) - nd).to(tl.int64), (BLOCK,))
+            gp += tl.sum(nd, 1).to(tl.int64)
         else:
             at = p
             p += need.to(tl.int64)
@@ -141,8 +141,11 @@ def exponent_symbols(n: int, device: str) -> torch.Tensor:
     return ((w.view(torch.int16).to(torch.int32) >> 7) & 0xFF).to(torch.uint8)
 
 
-def bench_size(mb: int, spl: int, shapes: list[tuple[int, int]], group_sizes: list[int]) -> list[tuple]:
-    """Rows (MB, variant, shape, G, GB/s, bit-exact) for one stream of `mb` dense-bf16 megabytes."""
+def bench_size(mb: int, spl: int, shapes: list[tuple[int, int]], group_sizes: list[int], prob_bits: int = 12
+               ) -> list[tuple]:
+    """Rows (MB, prob_bits, bits/symbol, variant, shape, G, GB/s, bit-exact) for one stream of `mb` dense-bf16
+    megabytes coded with `prob_bits`-bit probabilities (fewer bits: a smaller table, a few hundredths of a bit more
+    per symbol)."""
     from triton.testing import do_bench
 
     def timed(fn) -> float:
@@ -150,12 +153,14 @@ def bench_size(mb: int, spl: int, shapes: list[tuple[int, int]], group_sizes: li
 
     n = mb * 1_000_000 // 2
     sym = exponent_symbols(n, "cuda")
-    enc = ans_encode(sym, lanes=-(-n // spl))
+    enc = ans_encode(sym, lanes=-(-n // spl), prob_bits=prob_bits)
     tab = enc.decode_table()
+    bps = 8 * enc.nbytes / n
     base = torch.empty(n, dtype=torch.uint8, device=sym.device)
     t_lib = timed(lambda: launch_decode(enc.words, enc.lane_offsets, enc.final_states, tab, n, enc.lanes,
                                         enc.prob_bits, base))
-    rows = [(mb, "library decoder (kernels/ans_triton)", "128x4", "-", 2 * n / t_lib / 1e6, torch.equal(base, sym))]
+    rows = [(mb, prob_bits, bps, "library decoder (kernels/ans_triton)", "128x4", "-", 2 * n / t_lib / 1e6,
+             torch.equal(base, sym))]
     for block, warps in shapes:
         groups = [g for g in group_sizes if block % g == 0]
         for g in groups:
@@ -167,7 +172,8 @@ def bench_size(mb: int, spl: int, shapes: list[tuple[int, int]], group_sizes: li
                     return decode_proto(enc, w, s, t, grouped=grouped, g=gg, block=block, warps=warps)
 
                 ok = torch.equal(run(), sym)
-                rows.append((mb, name, f"{block}x{warps}", gg if grouped else "-", 2 * n / timed(run) / 1e6, ok))
+                rows.append((mb, prob_bits, bps, name, f"{block}x{warps}", gg if grouped else "-",
+                             2 * n / timed(run) / 1e6, ok))
                 print(rows[-1], flush=True)
     return rows
 
@@ -179,19 +185,23 @@ def main() -> None:
     ap.add_argument("--shapes", default="128x4,256x8", help="lanes per program x warps")
     ap.add_argument("--groups", default="32,128,256", help="lanes per word group (each shape uses those dividing its "
                     "lanes per program; G = lanes per program needs no reshape in the kernel)")
+    ap.add_argument("--prob-bits", default="12,10", help="probability bits (table of 2**b entries) to compare")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ans_layout_proto.md"))
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")]
     groups = [int(v) for v in a.groups.split(",")]
     rows = []
     for mb in (int(v) for v in a.sizes.split(",")):
-        rows += bench_size(mb, a.spl, shapes, groups)
-        torch.cuda.empty_cache()
+        for pb in (int(v) for v in a.prob_bits.split(",")):
+            rows += bench_size(mb, a.spl, shapes, groups, pb)
+            torch.cuda.empty_cache()
     lines = ["# rANS decode: word layout and table width (prototype, symbols only)", "",
              f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
              f"{a.spl} symbols per lane; bf16 N(0, 0.02) exponents", "",
-             "| MB (dense bf16) | variant | lanes x warps | G | GB/s | bit-exact |", "|---|---|---|---|---|---|"]
-    lines += [f"| {mb} | {name} | {shape} | {g} | {gbs:.0f} | {ok} |" for mb, name, shape, g, gbs, ok in rows]
+             "| MB (dense bf16) | prob bits | stream bits/symbol | variant | lanes x warps | G | GB/s | bit-exact |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {mb} | {pb} | {bps:.4f} | {name} | {shape} | {g} | {gbs:.0f} | {ok} |"
+              for mb, pb, bps, name, shape, g, gbs, ok in rows]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
