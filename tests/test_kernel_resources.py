@@ -1,0 +1,41 @@
+"""experiments/kernel_resources.py compiles for sm_90 without a GPU and reads the cubin: a copy kernel of 512 fp32 per
+program on 4 warps holds 4 contiguous values per thread, so its SASS must have exactly one 128-bit load and one
+128-bit store, no spill; the same kernel on misaligned pointers (no 16-byte divisibility) must fall back to 32-bit
+accesses."""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from experiments.kernel_resources import BIN, compile_sm90, resources  # noqa: E402
+
+if not all((BIN / tool).exists() for tool in ("ptxas", "cuobjdump", "nvdisasm")):  # pragma: no cover
+    pytest.skip(f"this triton ships no CUDA binary tools in {BIN}", allow_module_level=True)
+
+
+@triton.jit
+def _copy(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+
+def test_vectorised_copy_has_one_128_bit_load_and_store():
+    r = resources(compile_sm90(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}, warps=4,
+                               div16=("n",)))
+    assert r["mix"].get("LDG.E.128") == 1 and r["mix"].get("STG.E.128") == 1, r
+    assert r["spill"] == 0 and 0 < r["regs"] <= 32 and r["instructions"] > 0
+
+
+def test_unaligned_copy_uses_scalar_accesses(monkeypatch):
+    import experiments.kernel_resources as kr
+
+    def compile_unaligned(fn, signature, constexprs, **kw):
+        sig = {**signature, **{k: "constexpr" for k in constexprs}}
+        src = kr.ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        return kr.triton.compile(src, target=kr.GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+    r = resources(compile_unaligned(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}))
+    assert "LDG.E.128" not in r["mix"] and r["mix"].get("LDG.E") == 4 and r["mix"].get("STG.E") == 4, r
