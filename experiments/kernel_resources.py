@@ -72,15 +72,16 @@ def nf4_rows() -> list[tuple[str, dict]]:
         for c in nm.candidate_configs(4096, 4096, trans, 132, 1, 64):
             if not c.gemv:
                 continue
+            code = {"code_ptr": "*i64" if c.pairs else "*fp32"}
+            meta = {"BS": 64, "DQ": False, "TN": c.tn, "TKB": c.tkb, "SPLIT": c.split, "PAIRS": c.pairs}
             if trans:
-                k = compile_sm90(nm._nf4_gemv_t_kernel, bwd, {"BS": 64, "DQ": False, "TN": c.tn, "TKB": c.tkb,
-                                 "SPLIT": c.split}, warps=c.warps, stages=c.stages, div16=("N", "K"))
+                k = compile_sm90(nm._nf4_gemv_t_kernel, {**bwd, **code}, meta, warps=c.warps, stages=c.stages,
+                                 div16=("N", "K"))
             else:
-                k = compile_sm90(nm._nf4_gemv_kernel, fwd, {"BS": 64, "DQ": False, "BM": 1, "TN": c.tn,
-                                 "TKB": c.tkb, "SPLIT": c.split}, warps=c.warps, stages=c.stages,
-                                 div16=("N", "K", "s_am"))
+                k = compile_sm90(nm._nf4_gemv_kernel, {**fwd, **code}, {**meta, "BM": 1}, warps=c.warps,
+                                 stages=c.stages, div16=("N", "K", "s_am"))
             rows.append((f"nf4 {'g@W' if trans else 'x@W^T'} 1 row, tn={c.tn} tkb={c.tkb} split={c.split} "
-                         f"warps={c.warps} stages={c.stages}", resources(k)))
+                         f"warps={c.warps} stages={c.stages}{' pairs' if c.pairs else ''}", resources(k)))
     return rows
 
 

@@ -42,6 +42,18 @@ def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _CACHE[key]
 
 
+def nf4_code_pairs(device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 per packed byte value b: the fp32 bits of code[b >> 4] (low word) and of code[b & 15] (high word), so a
+    kernel dequantizes both nibbles of a byte with one 8-byte gather instead of two 4-byte ones (cached)."""
+    device = torch.device(device)
+    key = ("pairs", device)
+    if key not in _CACHE:
+        bits = nf4_code("cpu").view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256)
+        _CACHE[key] = (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
+    return _CACHE[key]
+
+
 def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 15 fp32 decision thresholds (a+b)/2 between neighbouring codes (== bitsandbytes' tree constants)."""
     device = torch.device(device)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.nf4 import dequantize_nf4_reference, nf4_code
+from kernels.nf4 import dequantize_nf4_reference, nf4_code, nf4_code_pairs
 
 try:  # triton is optional on CPU-only machines
     import triton
@@ -58,6 +58,7 @@ class MMConfig:
     stages: int = 1  # software pipelining stages the gathers in shared memory (>200 KB): occupancy hides latency
     gemv: bool = False  # no tensor cores, K % block_size == 0; forward <= GEMV_MAX_M rows, backward 1 row
     blocked: bool = False  # tl.dot kernel with one scale load per block (K % block_size == 0)
+    pairs: bool = False  # blocked/GEMV tiles: both nibbles of a byte from one 8-byte gather (nf4_code_pairs)
 
 
 def nf4_matmul_reference(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int,
@@ -99,7 +100,7 @@ if triton is not None:
 
     @triton.jit
     def _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask, K2,
-                 BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, TKB: tl.constexpr):
+                 BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, TKB: tl.constexpr, PAIRS: tl.constexpr):
         """Dequantized [TN, NB, HB] tiles (NB scale blocks of HB = BS/2 bytes from byte column kb0 of rows offs_n) of
         W's even / odd elements in DTYPE, and the [NB, HB] byte columns and their mask. One scale load per block,
         broadcast over its bytes; needs K % BS == 0 and kb0 % HB == 0, so that no block straddles two rows."""
@@ -119,19 +120,24 @@ if triton is not None:
         else:
             sc = tl.load(s_ptr + blk, mask=bmask, other=0.0)
         sc = tl.where(bmask, sc, 0.0)[:, :, None]
-        hi = (tl.load(code_ptr + (b >> 4)) * sc).to(DTYPE)
-        lo = (tl.load(code_ptr + (b & 15)) * sc).to(DTYPE)
+        if PAIRS:  # code_ptr is nf4_code_pairs: (code[b >> 4], code[b & 15]) as the two words of one int64
+            pair = tl.load(code_ptr + b)
+            hi = ((pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * sc).to(DTYPE)
+            lo = ((pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * sc).to(DTYPE)
+        else:
+            hi = (tl.load(code_ptr + (b >> 4)) * sc).to(DTYPE)
+            lo = (tl.load(code_ptr + (b & 15)) * sc).to(DTYPE)
         return hi, lo, col, cmask
 
     @triton.jit
     def _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, offs_kb, nmask, kmask, K2,
               BS: tl.constexpr, DQ: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, TKB: tl.constexpr,
-              BLOCKED: tl.constexpr):
+              BLOCKED: tl.constexpr, PAIRS: tl.constexpr):
         """[TN, TKB] dot operands: per-element scale gathers (any layout), or BLOCKED: the 3-D tile of `_load_w3`
         (one scale load per block; K % BS == 0) flattened back to 2-D."""
         if BLOCKED:
             hi3, lo3, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0,
-                                            nmask, K2, BS, DQ, DTYPE, TKB)
+                                            nmask, K2, BS, DQ, DTYPE, TKB, PAIRS)
             hi = tl.reshape(hi3, (offs_n.shape[0], TKB))
             lo = tl.reshape(lo3, (offs_n.shape[0], TKB))
             if DOT_F32:
@@ -164,7 +170,7 @@ if triton is not None:
                        M, N, K, s_am, s_ak, offset,
                        TRANS: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, BM: tl.constexpr,
                        TN: tl.constexpr, TKB: tl.constexpr, SPLIT: tl.constexpr,
-                       DOT_F32: tl.constexpr, BLOCKED: tl.constexpr):
+                       DOT_F32: tl.constexpr, BLOCKED: tl.constexpr, PAIRS: tl.constexpr):
         pid_o = tl.program_id(0)
         pid_s = tl.program_id(1)
         K2 = K // 2
@@ -180,7 +186,7 @@ if triton is not None:
                 offs_kb = kb0 + tl.arange(0, TKB)
                 kmask = offs_kb < K2
                 hi, lo = _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, offs_kb, nmask,
-                               kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED)
+                               kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED, PAIRS)
                 amask = kmask[:, None] & mmask[None, :]
                 a_even = a_ptr + offs_m[None, :] * s_am + (2 * offs_kb)[:, None] * s_ak  # [TKB, BM] = a^T
                 xe = tl.load(a_even, mask=amask, other=0.0)
@@ -203,7 +209,7 @@ if triton is not None:
                 offs_n = n0 + tl.arange(0, TN)
                 nmask = offs_n < N
                 hi, lo = _tile(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, pid_o * TKB, offs_kb,
-                               nmask, kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED)
+                               nmask, kmask, K2, BS, DQ, DTYPE, DOT_F32, TKB, BLOCKED, PAIRS)
                 g = tl.load(a_ptr + offs_m[:, None] * s_am + offs_n[None, :] * s_ak,
                             mask=mmask[:, None] & nmask[None, :], other=0.0)
                 if DOT_F32:
@@ -246,7 +252,7 @@ if triton is not None:
     def _nf4_gemv_kernel(a_ptr, packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, out_ptr, ws_ptr, lock_ptr,
                          M, N, K, s_am, s_ak, offset,
                          BS: tl.constexpr, DQ: tl.constexpr, BM: tl.constexpr, TN: tl.constexpr, TKB: tl.constexpr,
-                         SPLIT: tl.constexpr):
+                         SPLIT: tl.constexpr, PAIRS: tl.constexpr):
         """y = a @ W^T for a few rows without tl.dot: a tile of W is [TN rows, NB scale blocks, HB bytes], so each
         scale is loaded once per block (not per element) and broadcast; every row of `a` reuses the dequantized tile
         through an fp32 multiply-reduce. Needs K % BS == 0 (blocks never straddle rows) and TKB % (BS // 2) == 0."""
@@ -264,7 +270,7 @@ if triton is not None:
         acc3 = tl.full((TN, NB, HB), 0.0, tl.float32)  # one row: reduce once at the end, not per step
         for kb0 in range(start, end, TKB):
             hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
-                                          K2, BS, DQ, DTYPE, TKB)
+                                          K2, BS, DQ, DTYPE, TKB, PAIRS)
             hi = hi.to(tl.float32)
             lo = lo.to(tl.float32)
             for m in tl.static_range(BM):
@@ -288,7 +294,7 @@ if triton is not None:
     def _nf4_gemv_t_kernel(a_ptr, packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, out_ptr, ws_ptr, lock_ptr,
                            N, K, s_ak, offset,
                            BS: tl.constexpr, DQ: tl.constexpr, TN: tl.constexpr, TKB: tl.constexpr,
-                           SPLIT: tl.constexpr):
+                           SPLIT: tl.constexpr, PAIRS: tl.constexpr):
         """y = a @ W for one row a [1, N] (the input gradient of a one-token step): programs own TKB byte columns
         and reduce over the rows of W (a 1/SPLIT share of them), same 3-D tiles as the forward GEMV."""
         pid_o = tl.program_id(0)
@@ -306,7 +312,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, TN)
             nmask = offs_n < N
             hi, lo, col, cmask = _load_w3(packed_ptr, s_ptr, s2_ptr, code_ptr, code8_ptr, offset, offs_n, kb0, nmask,
-                                          K2, BS, DQ, DTYPE, TKB)
+                                          K2, BS, DQ, DTYPE, TKB, PAIRS)
             g = tl.load(a_ptr + offs_n * s_ak, mask=nmask, other=0.0).to(tl.float32)[:, None, None]
             acc_e += hi.to(tl.float32) * g
             acc_o += lo.to(tl.float32) * g
@@ -373,7 +379,9 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
 
     if k % block_size:
         return [make(tn, tkb, w) for tn, tkb, w in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8))]
-    out = variants(make(64, 128, 4, blocked=True)) + [make(64, 128, 8, blocked=True)]
+    blocked = make(64, 128, 4, blocked=True)
+    # pairs: both nibbles of a byte from one 8-byte gather of nf4_code_pairs (fewer instructions, a 2 KB table)
+    out = variants(blocked) + [make(64, 128, 8, blocked=True), replace(blocked, pairs=True)]
     if m is not None and gemv_ok(m, k, block_size, trans):
         shapes = ((16, 128, 4), (64, 64, 4), (32, 64, 4)) if trans else ((16, 256, 4), (64, 64, 4), (64, 128, 8),
                                                                           (32, 128, 4))
@@ -383,6 +391,7 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
         wide = [make(tn, tkb, w, gemv=True) for tn, tkb, w in (((8, 512, 4),) if trans else ((4, 1024, 4),
                                                                                             (8, 1024, 8)))]
         out += variants(gemv[0]) + gemv[1:] + [c for cfg in wide for c in dict.fromkeys([cfg, shallow(cfg)])]
+        out += [replace(gemv[0], pairs=True), replace(shallow(wide[0]), pairs=True)]
     return list(dict.fromkeys(out))
 
 
@@ -404,6 +413,9 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
     tiles = triton.cdiv(k // 2, cfg.tkb) if trans else triton.cdiv(n, cfg.tn)
     ws, lock = _workspace(a.device, cfg.split * m * n_out, tiles) if cfg.split > 1 else (out, out)
     dq = offset is not None
+    if cfg.pairs and not (cfg.gemv or cfg.blocked):
+        raise ValueError(f"config {cfg}: the pair-table lookup needs the GEMV or blocked tiles")
+    table = nf4_code_pairs(a.device) if cfg.pairs else nf4_code(a.device)
     s = scales[0]
     s2 = scales[1] if dq else s
     if cfg.gemv:
@@ -412,25 +424,25 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
                              f"trans={trans}")
         if trans:
             _GEMV_T[(tiles, cfg.split)](
-                a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+                a, packed, s, s2, table, code8 if dq else s, out, ws, lock,
                 n, k, a.stride(1), float(offset or 0.0),
-                BS=block_size, DQ=dq, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, num_warps=cfg.warps,
+                BS=block_size, DQ=dq, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, PAIRS=cfg.pairs, num_warps=cfg.warps,
                 num_stages=cfg.stages)
         else:
             _GEMV[(tiles, cfg.split)](
-                a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+                a, packed, s, s2, table, code8 if dq else s, out, ws, lock,
                 m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
                 BS=block_size, DQ=dq, BM=triton.next_power_of_2(m), TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split,
-                num_warps=cfg.warps, num_stages=cfg.stages)
+                PAIRS=cfg.pairs, num_warps=cfg.warps, num_stages=cfg.stages)
         return out
     if cfg.blocked and (k % block_size or cfg.tkb % (block_size // 2)):
         raise ValueError(f"blocked config {cfg} needs in_features ({k}) a multiple of block_size ({block_size})")
     bm = max(16, triton.next_power_of_2(m))
     _MM[(tiles, cfg.split)](
-        a, packed, s, s2, nf4_code(a.device), code8 if dq else s, out, ws, lock,
+        a, packed, s, s2, table, code8 if dq else s, out, ws, lock,
         m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
         TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=_DOT_F32,
-        BLOCKED=cfg.blocked, num_warps=cfg.warps, num_stages=cfg.stages)
+        BLOCKED=cfg.blocked, PAIRS=cfg.pairs, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
 

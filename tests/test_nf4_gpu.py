@@ -77,10 +77,12 @@ def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
         ref = a.double() @ wd if trans else a.double() @ wd.t()
         cfgs = [MMConfig(64, 128, 1), MMConfig(32, 64, 8)]
         if k % 64 == 0:  # one scale load per block: the blocked tl.dot variant, and the tensor-core-free kernels
-            cfgs += [MMConfig(64, 128, 1, blocked=True), MMConfig(32, 64, 4, 8, blocked=True)]
+            cfgs += [MMConfig(64, 128, 1, blocked=True), MMConfig(32, 64, 4, 8, blocked=True),
+                     MMConfig(64, 128, 2, blocked=True, pairs=True)]
             if m <= (1 if trans else 16):
                 cfgs += [MMConfig(8, 256, 1, gemv=True), MMConfig(32, 64, 4, gemv=True),
-                         MMConfig(4, 1024, 2, gemv=True), MMConfig(8, 512, 4, gemv=True)]  # wide tiles
+                         MMConfig(4, 1024, 2, gemv=True), MMConfig(8, 512, 4, gemv=True),  # wide tiles
+                         MMConfig(8, 256, 2, gemv=True, pairs=True)]
         for cfg in cfgs:
             outs = []
             for _ in range(2):  # the second call runs on the tile counters the first one must have reset

@@ -133,10 +133,12 @@ def test_block_tiled_configs_reject_shapes_they_cannot_serve():
     assert any(c.blocked for c in candidate_configs(4096, 4096, True, 132, m=2))
 
 
-@pytest.mark.parametrize("trans,tn,tkb,split", [(False, 4, 256, 1), (False, 4, 256, 2), (False, 8, 512, 1),
-                                                (True, 8, 256, 1), (True, 8, 256, 4)])
-def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split):
-    """The wide GEMV tiles of the autotune (a few rows over many scale blocks per step, plain and shallow)."""
+@pytest.mark.parametrize("trans,tn,tkb,split,pairs", [(False, 4, 256, 1, False), (False, 4, 256, 2, True),
+                                                      (False, 8, 512, 1, False), (True, 8, 256, 1, True),
+                                                      (True, 8, 256, 4, False)])
+def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split, pairs):
+    """The wide GEMV tiles of the autotune (a few rows over many scale blocks per step, plain and shallow), also
+    with the pair-table lookup (both nibbles of a byte from one 8-byte gather)."""
     mod = interpreted("nf4_matmul.py")
     n, k = 40, 1024  # 512 bytes a row: one or two steps per program, a partial last row tile
     g = torch.Generator().manual_seed(tn + tkb + split)
@@ -144,7 +146,40 @@ def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split):
     a = torch.randn(1, n if trans else k, generator=g).to(torch.bfloat16)
     w64 = dense_f64(q)
     ref = a.double() @ w64 if trans else a.double() @ w64.t()
-    cfg = mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True)
+    cfg = mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True, pairs=pairs)
     out = mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, None, cfg)
     assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
+    # the same dequantized weight whichever table the nibbles come from: equal to the 16-entry lookup bit for bit
+    plain = mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, None,
+                           mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True))
+    assert torch.equal(out, plain)
     assert any(c.gemv and c.tkb >= 512 for c in mod.candidate_configs(4096, 4096, trans, 132, m=1))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_interpreted_blocked_pair_table_equals_code_table(double_quant):
+    """The blocked tl.dot kernel with the pair table gives the same bits as with the 16-entry code table."""
+    mod = interpreted("nf4_matmul.py")
+    g = torch.Generator().manual_seed(3)
+    q = NF4Tensor.from_dense(torch.randn(40, 128, generator=g).to(torch.bfloat16), 64, double_quant=double_quant)
+    code8 = dynamic_code("cpu") if double_quant else None
+    for trans in (False, True):
+        a = torch.randn(5, 40 if trans else 128, generator=g).to(torch.bfloat16)
+        outs = [mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, 40, 128, 64, trans, code8,
+                               mod.MMConfig(tn=16, tkb=32, split=2, warps=1, blocked=True, pairs=p))
+                for p in (False, True)]
+        assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="pair-table"):
+        mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, 40, 128, 64, True, code8,
+                       mod.MMConfig(tn=16, tkb=32, split=1, warps=1, pairs=True))
+
+
+def test_code_pairs_table_against_code_table():
+    from kernels.nf4 import NF4_CODE, nf4_code_pairs
+
+    pairs = nf4_code_pairs()
+    lo = (pairs & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    hi = (pairs >> 32).to(torch.int32).view(torch.float32)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    b = torch.arange(256)
+    assert torch.equal(lo, code[b >> 4]) and torch.equal(hi, code[b & 15])
