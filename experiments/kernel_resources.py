@@ -44,19 +44,21 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict, *, warps: int 
 
 
 def resources(kernel) -> dict:
-    """Registers, spill (local) bytes, static shared bytes, SASS instruction count and memory/sync op counts."""
+    """Registers, spilled bytes (stack + local), shared bytes per program, SASS instruction count and memory/sync op
+    counts."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+)\D+.*?SHARED:(\d+)\D+.*?LOCAL:(\d+)", usage, re.S)
+    m = re.search(r"REG:(\d+)\D+.*?STACK:(\d+)\D+.*?LOCAL:(\d+)", usage, re.S)
     ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+", "", ln).split(";")[0].split()
            for ln in sass.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/\s+\S", ln)]
     names = [w[1] if w[0].startswith("@") and len(w) > 1 else w[0] for w in ops if w]
     mix = collections.Counter(n for n in names if n.split(".")[0] in MEM_OPS)
-    return {"regs": int(m.group(1)) if m else -1, "spill": int(m.group(3)) if m else -1,
-            "shared": int(m.group(2)) if m else -1, "instructions": len(names), "mix": dict(sorted(mix.items()))}
+    return {"regs": int(m.group(1)) if m else -1,
+            "spill": int(m.group(2)) + int(m.group(3)) if m else -1,  # stack frame (spilled registers) + local
+            "shared": int(kernel.metadata.shared), "instructions": len(names), "mix": dict(sorted(mix.items()))}
 
 
 def nf4_rows() -> list[tuple[str, dict]]:
@@ -111,7 +113,35 @@ def ans_rows() -> list[tuple[str, dict]]:
     return rows
 
 
-PRESETS = {"nf4": nf4_rows, "ans": ans_rows}
+def cce_rows() -> list[tuple[str, dict]]:
+    """The CCE forward tiles the autotune times, with 32- and 64-bit element offsets, and the default backward."""
+    from kernels import cce_bwd, cce_fwd
+
+    sig = {"E": "*bf16", "C": "*bf16", "Bias": "*bf16", "LsePart": "*fp32", "SPart": "*fp32", "N": "i32", "V": "i32",
+           "D": "i32", "stride_e": "i32", "stride_c": "i32", "tiles_per_split": "i32", "softcap": "fp32"}
+    rows = []
+    for wide in (False, True):
+        for bn, bv, bd, w, st in cce_fwd.CANDIDATES:
+            k = compile_sm90(cce_fwd._fwd_kernel, sig, {"HAS_BIAS": False, "SOFTCAP": False, "SUMZ": False,
+                             "PRECISION": "tf32", "UPCAST": False, "WIDE": wide, "BLOCK_N": bn, "BLOCK_V": bv,
+                             "BLOCK_D": bd}, warps=w, stages=st, div16=("D", "stride_e", "stride_c"))
+            rows.append((f"cce forward {bn}x{bv}x{bd}, {w} warps, {st} stages, {64 if wide else 32}-bit offsets",
+                         resources(k)))
+    bsig = {"E": "*bf16", "C": "*bf16", "Bias": "*bf16", "Rows": "*i64", "Tgt": "*i64", "Lse": "*fp32", "A": "*fp32",
+            "B": "*fp32", "U": "*fp32", "Perm": "*i64", "DE": "*fp32", "DC": "*bf16", "DB": "*fp32", "M": "i32",
+            "V": "i32", "D": "i32", "stride_e": "i32", "stride_c": "i32", "n_blocks": "i32", "softcap": "fp32",
+            "eps": "fp32"}
+    bn, bv, bd, w, st = cce_bwd._config(cce_bwd.torch.bfloat16, cce_bwd.torch.device("cuda"))
+    for srt in (False, True):
+        k = compile_sm90(cce_bwd._bwd_kernel, bsig, {"HAS_BIAS": False, "SOFTCAP": False, "HAS_U": False,
+                         "FILTER": True, "SORTED": srt, "PRECISION": "tf32", "UPCAST": False, "BLOCK_N": bn,
+                         "BLOCK_V": bv, "BLOCK_D": bd}, warps=w, stages=st, div16=("D", "stride_e", "stride_c"))
+        rows.append((f"cce backward {bn}x{bv}x{bd}, {w} warps, {st} stages, filtered, "
+                     f"{'sorted' if srt else 'unsorted'} vocabulary", resources(k)))
+    return rows
+
+
+PRESETS = {"nf4": nf4_rows, "ans": ans_rows, "cce": cce_rows}
 
 
 def main() -> None:
@@ -122,7 +152,8 @@ def main() -> None:
     lines = ["# Kernel resources for sm_90 (compiled without a GPU)", "",
              f"triton {triton.__version__}; pointers 16-byte aligned, named ints multiples of 16 (as at real "
              "launches). regs = registers per thread (occupancy: 65536 / (regs x threads per program) programs per "
-             "SM at most); spill = local-memory bytes per thread; mix = memory and synchronisation SASS "
+             "SM at most); spill = stack + local bytes per thread (spilled registers; STL/LDL in the mix); shared = bytes of "
+             "shared memory per program (dynamic, pipeline stages included); mix = memory and synchronisation SASS "
              "instructions in the whole kernel (loop bodies count once).", "",
              "| kernel | regs | spill B | shared B | SASS instructions | memory / sync mix |", "|---|---|---|---|---|---|"]
     for name in a.only.split(","):

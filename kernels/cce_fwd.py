@@ -44,19 +44,28 @@ def _up(x, UPCAST: tl.constexpr):
 def _fwd_kernel(E, C, Bias, LsePart, SPart,
                 N, V, D, stride_e, stride_c, tiles_per_split, softcap,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SUMZ: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr,
+                UPCAST: tl.constexpr, WIDE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row, the log-sum-exp (and logit sum) over this program's share of the vocabulary. WIDE: element offsets
+    in 64 bits (some reach 2**31); otherwise 32-bit offsets, which keep the 128x256 tiles free of register spills."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)
+    rows = offs_n
+    split = pid_s
+    if WIDE:
+        rows = rows.to(tl.int64)
+        split = split.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     l_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     s_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     for t in range(0, tiles_per_split):
-        v0 = (pid_s * tiles_per_split + t).to(tl.int64) * BLOCK_V
+        v0 = split * tiles_per_split + t
+        if WIDE:
+            v0 = v0.to(tl.int64)
+        v0 = v0 * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         acc = tl.full((BLOCK_N, BLOCK_V), 0.0, tl.float32)
@@ -78,7 +87,7 @@ def _fwd_kernel(E, C, Bias, LsePart, SPart,
         l_i = l_i * tl.exp(m_i - m_safe) + tl.reduce(tl.exp(acc - m_safe[:, None]), 1, _add)
         m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), -float("inf"))
-    out = pid_s.to(tl.int64) * N + rows
+    out = split * N + rows
     tl.store(LsePart + out, lse, mask=mask_n)
     if SUMZ:
         tl.store(SPart + out, s_i, mask=mask_n)
@@ -143,6 +152,15 @@ def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: tor
     return _TUNED[key]
 
 
+INDEX_LIMIT = 1 << 31
+FORCE_WIDE_INDEX = False  # tests: take the 64-bit offset path at any size
+
+
+def wide_index(*extents: int) -> bool:
+    """Whether element offsets up to max(extents) need 64 bits (else the kernels index in 32)."""
+    return FORCE_WIDE_INDEX or max(extents) >= INDEX_LIMIT
+
+
 def split_tiles(row_blocks: int, v_tiles: int, slots: int) -> int:
     """Vocabulary tiles per program: the count whose launch wastes least of the last wave (programs run in waves of
     `slots`; a wave that is a third full costs as much as a full one), each program paying ~0.1 tile of overhead."""
@@ -174,7 +192,7 @@ def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tg
         e, c, bias if bias is not None else e, lse_p, s_p,
         n, v, d, e.stride(0), c.stride(0), tiles_per_split, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), SUMZ=need_sumz, PRECISION=precision,
-        UPCAST=e.device.type != "cuda",
+        UPCAST=e.device.type != "cuda", WIDE=wide_index(n * e.stride(0), v_tiles * bv * c.stride(0), splits * n),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
         num_stages=stages,
     )

@@ -125,3 +125,20 @@ def test_triton_and_torch_paths_agree_at_tile_edges():
                 e_, c_, t, impl=impl, return_lse=True, filter_eps=None), e, c)
         for k in ("loss", "lse", "de", "dc"):
             torch.testing.assert_close(outs["triton"][k], outs["torch"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_32_and_64_bit_offsets_agree(monkeypatch):
+    """The forward indexes in 32 bits unless an offset can reach 2**31 (then 64): both paths give the same bits,
+    and the switch point is the element count, not the row count alone."""
+    from kernels import cce_fwd
+
+    e, c, t = make_inputs(40, 70, 24, "peaked", seed=4)
+    bias = torch.randn(70)
+    got = {}
+    for wide in (False, True):
+        monkeypatch.setattr(cce_fwd, "FORCE_WIDE_INDEX", wide)
+        got[wide] = cce_fwd.stats_triton(e, c, bias, t, 30.0, True)
+    assert all(torch.equal(a, b) for a, b in zip(got[False], got[True]))
+    monkeypatch.setattr(cce_fwd, "FORCE_WIDE_INDEX", False)
+    assert not cce_fwd.wide_index((1 << 31) - 1) and cce_fwd.wide_index(1 << 31)
+    assert cce_fwd.wide_index(256000 * 2304, (1 << 20) * 2304)  # the GPU test's 2**20 x 2304 classifier

@@ -39,3 +39,17 @@ def test_unaligned_copy_uses_scalar_accesses(monkeypatch):
 
     r = resources(compile_unaligned(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}))
     assert "LDG.E.128" not in r["mix"] and r["mix"].get("LDG.E") == 4 and r["mix"].get("STG.E") == 4, r
+
+
+@triton.jit
+def _hold(src, dst, BLOCK: tl.constexpr):
+    """Keeps BLOCK values live across a dependent chain: far more values a thread than it has registers."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(src + offs)
+    y = tl.cumsum(x * x, 0)
+    tl.store(dst + offs, x + y / (tl.sum(x, 0) + 1.0))
+
+
+def test_register_spills_are_reported():
+    r = resources(compile_sm90(_hold, {"src": "*fp32", "dst": "*fp32"}, {"BLOCK": 16384}, warps=1))
+    assert r["spill"] > 1000 and any(k.startswith("STL") for k in r["mix"]), r
