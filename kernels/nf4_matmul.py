@@ -381,7 +381,9 @@ def candidate_configs(n: int, k: int, trans: bool, sms: int, m: int | None = Non
         return [make(tn, tkb, w) for tn, tkb, w in ((64, 128, 4), (64, 64, 4), (32, 128, 4), (64, 256, 8))]
     blocked = make(64, 128, 4, blocked=True)
     # pairs: both nibbles of a byte from one 8-byte gather of nf4_code_pairs (fewer instructions, a 2 KB table)
-    out = variants(blocked) + [make(64, 128, 8, blocked=True), replace(blocked, pairs=True)]
+    # (32, 64): 72 registers instead of 200-255 (experiments/kernel_resources.py), so ~7 programs share an SM
+    out = variants(blocked) + [make(64, 128, 8, blocked=True), replace(blocked, pairs=True),
+                               make(32, 64, 4, blocked=True)]
     if m is not None and gemv_ok(m, k, block_size, trans):
         shapes = ((16, 128, 4), (64, 64, 4), (32, 64, 4)) if trans else ((16, 256, 4), (64, 64, 4), (64, 128, 8),
                                                                           (32, 128, 4))
