@@ -88,16 +88,20 @@ def time_linear(fns: dict[str, object], x: torch.Tensor, gy: torch.Tensor) -> di
     return out
 
 
+def linear_pair(out_f: int, in_f: int) -> tuple[object, NF4Tensor, torch.Tensor]:
+    """(bitsandbytes Linear4bit, our NF4 weight, the dense bf16 weight) of one random weight, all on CUDA."""
+    w = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
+    lin_b = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin_b.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                     compress_statistics=False)
+    w_cuda = w.cuda()
+    return lin_b.cuda(), NF4Tensor.from_dense(w_cuda, 64), w_cuda
+
+
 def linear_rows(shapes: list[tuple[int, int]], tokens: list[int]) -> list[dict]:
     rows = []
     for out_f, in_f in shapes:
-        w = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
-        lin_b = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-        lin_b.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
-                                         compress_statistics=False)
-        lin_b = lin_b.cuda()
-        w_cuda = w.cuda()
-        q = NF4Tensor.from_dense(w_cuda, 64)
+        lin_b, q, w_cuda = linear_pair(out_f, in_f)
         fns = {"bnb": lin_b, "ours": lambda t, q=q: F.linear(t, q), "dense": lambda t, w=w_cuda: F.linear(t, w)}
         for m in tokens:
             x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
@@ -132,12 +136,7 @@ def host_rows(shapes: list[tuple[int, int]]) -> list[dict]:
 
     rows = []
     for out_f, in_f in shapes:
-        w = torch.randn(out_f, in_f, dtype=torch.bfloat16) * 0.02
-        lin_b = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-        lin_b.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
-                                         compress_statistics=False)
-        lin_b = lin_b.cuda()
-        q, wd = NF4Tensor.from_dense(w.cuda(), 64), w.cuda()
+        lin_b, q, wd = linear_pair(out_f, in_f)
         x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
         row = {"shape": f"{out_f}x{in_f}", "bnb_us": host_us(lin_b, x)}
         was = launch.ENABLED
