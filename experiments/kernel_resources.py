@@ -31,11 +31,19 @@ MEM_OPS = ("LDG", "STG", "LDS", "STS", "LDSM", "STSM", "ATOMG", "RED", "BAR", "S
 
 
 def compile_sm90(fn, signature: dict[str, str], constexprs: dict, *, warps: int = 4, stages: int = 1,
-                 div16: tuple[str, ...] = ()):
-    """The CompiledKernel of `fn` for sm_90: pointers 16-byte aligned, the ints in `div16` multiples of 16."""
+                 div16: tuple[str, ...] = (), aligned: bool = True):
+    """The CompiledKernel of `fn` for sm_90: pointers 16-byte aligned (unless `aligned` is False), the ints in
+    `div16` multiples of 16.
+
+    A kernel defined while TRITON_INTERPRET=1 is re-wrapped as a compilable JITFunction (it must call no other
+    interpreted @triton.jit function)."""
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):
+        fn = JITFunction(fn.fn)
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    aligned = [k for k, v in signature.items() if v.startswith("*")] + list(div16)
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    div = [k for k, v in signature.items() if v.startswith("*") and aligned] + list(div16)
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -29,15 +29,8 @@ def test_vectorised_copy_has_one_128_bit_load_and_store():
     assert r["spill"] == 0 and 0 < r["regs"] <= 32 and r["instructions"] > 0
 
 
-def test_unaligned_copy_uses_scalar_accesses(monkeypatch):
-    import experiments.kernel_resources as kr
-
-    def compile_unaligned(fn, signature, constexprs, **kw):
-        sig = {**signature, **{k: "constexpr" for k in constexprs}}
-        src = kr.ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-        return kr.triton.compile(src, target=kr.GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-    r = resources(compile_unaligned(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}))
+def test_unaligned_copy_uses_scalar_accesses():
+    r = resources(compile_sm90(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}, aligned=False))
     assert "LDG.E.128" not in r["mix"] and r["mix"].get("LDG.E") == 4 and r["mix"].get("STG.E") == 4, r
 
 
