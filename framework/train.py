@@ -74,12 +74,10 @@ def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. Weights trained compressed (storage.train_compressed) count as trainable:
-    they are updated inside backward, so they carry requires_grad=False for the Lightning optimizer only."""
-    def trained(p: torch.nn.Parameter) -> bool:
-        return p.requires_grad or getattr(getattr(p, "_s", None), "trainer", None) is not None
-
+    the model's in-backward optimizer updates them, so they carry requires_grad=False for the Lightning one only."""
+    in_backward = set(getattr(getattr(model, "neuzip_optimizer", None), "names", ()))
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if trained(p))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad or n in in_backward)
     return trainable, total
 
 

@@ -3,9 +3,9 @@
 At `setup` (before Lightning restores any `ckpt_path`) the callback snapshots the freshly built model's state dict:
 that is the base. It then wraps the strategy's CheckpointIO: on save, the checkpoint's `state_dict` is replaced by an
 FM-Delta container (bytes) against the base, and the optimizer state (Lightning's, and that of weights trained
-compressed) is kept as usual or compressed with a generic codec (`optimizer_codec`); on load (resume with `ckpt_path=`) both are restored bit for bit before Lightning uses them,
-so a resumed run continues exactly as from an uncompressed checkpoint. A checkpoint made against another base fails
-with BaseMismatchError.
+compressed) is kept as usual or compressed with a generic codec (`optimizer_codec`); on load (resume with
+`ckpt_path=`) both are restored bit for bit before Lightning uses them, so a resumed run continues exactly as from an
+uncompressed checkpoint. A checkpoint made against another base fails with BaseMismatchError.
 """
 
 from __future__ import annotations
