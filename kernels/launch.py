@@ -17,6 +17,7 @@ interpreter Triton returns no compiled kernel, so every call takes the ordinary 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,18 +42,28 @@ def _spec(args: Sequence[Any]) -> tuple | None:
     return tuple(out)
 
 
-def _device_and_stream() -> tuple[int, int]:
+@functools.cache
+def _runtime() -> tuple[Any, Any]:
+    """(triton's driver, its `knobs` module or None), imported once: this module sits on the launch path."""
     from triton.runtime import driver
 
+    try:
+        from triton import knobs
+    except ImportError:
+        knobs = None
+    return driver, knobs
+
+
+def _device_and_stream() -> tuple[int, int]:
+    driver = _runtime()[0]
     device = driver.active.get_current_device()
     return device, driver.active.get_current_stream(device)
 
 
 def _hooks() -> tuple[Any, Any] | None:
     """Triton's launch enter/exit hooks, or None where this triton has no `knobs` (then: never fast)."""
-    try:
-        from triton import knobs
-    except ImportError:
+    knobs = _runtime()[1]
+    if knobs is None:
         return None
     return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
 
