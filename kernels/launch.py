@@ -68,6 +68,11 @@ def _hooks() -> tuple[Any, Any] | None:
     return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
 
 
+def _active(hook: Any) -> bool:
+    """Whether a launch hook would do anything: None (older triton) or an empty HookChain (triton >= 3.4) would not."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class Fast:
     """`Fast(kernel)[grid](*args, **kwargs)`: the same launch as `kernel[grid](*args, **kwargs)`."""
 
@@ -86,7 +91,7 @@ class Fast:
 
     def launch(self, grid: Sequence[int], args: tuple, kwargs: dict[str, Any]) -> None:
         hooks = _hooks() if ENABLED and self.names is not None else None
-        spec = _spec(args) if hooks is not None and hooks == (None, None) else None
+        spec = _spec(args) if hooks is not None and not any(map(_active, hooks)) else None
         if spec is None:
             self.kernel[grid](*args, **kwargs)
             return

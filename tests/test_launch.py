@@ -93,11 +93,18 @@ def test_hooks_unknown_args_and_off_switch_take_tritons_path(fast, monkeypatch):
     f[(1,)](x, 16, 0.5, BLOCK=128)
     monkeypatch.setattr(launch, "_hooks", lambda: (print, None))  # a profiler's launch hook is installed
     f[(1,)](x, 16, 0.5, BLOCK=128)
+    chain = SimpleNamespace(calls=[])  # triton >= 3.4 keeps hooks in a HookChain: an empty one is no hook
+    monkeypatch.setattr(launch, "_hooks", lambda: (chain, chain))
+    f[(1,)](x, 16, 0.5, BLOCK=128)
+    assert k.log[-1][0] == "run"
+    chain.calls.append(print)  # a profiler added itself to the chain
+    f[(1,)](x, 16, 0.5, BLOCK=128)
+    assert k.log[-1][0] == "jit"
     monkeypatch.setattr(launch, "_hooks", lambda: (None, None))
     f[(1,)](x, 16, "not a scalar Triton knows", BLOCK=128)
     monkeypatch.setattr(launch, "ENABLED", False)
     f[(1,)](x, 16, 0.5, BLOCK=128)
-    assert k.compiles == 4 and all(e[0] == "jit" for e in k.log)
+    assert k.compiles == 5 and [e[0] for e in k.log] == ["jit", "jit", "run", "jit", "jit", "jit"]
 
 
 def test_kernel_without_params_is_never_cached(monkeypatch):
