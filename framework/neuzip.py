@@ -42,11 +42,6 @@ def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
 
 
-def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder, in memory."""
-    return dict(iter_tensors(model_dir))
-
-
 def exponent_entropy(exps: torch.Tensor) -> float:
     p = torch.bincount(exps.long(), minlength=256).double()
     p = p[p > 0] / exps.numel()

@@ -62,10 +62,7 @@ def _fwd_kernel(E, C, Bias, LsePart, SPart,
     l_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     s_i = tl.full((BLOCK_N,), 0.0, tl.float32)
     for t in range(0, tiles_per_split):
-        v0 = split * tiles_per_split + t
-        if WIDE:
-            v0 = v0.to(tl.int64)
-        v0 = v0 * BLOCK_V
+        v0 = (split * tiles_per_split + t) * BLOCK_V  # 64-bit when WIDE: `split` is
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         acc = tl.full((BLOCK_N, BLOCK_V), 0.0, tl.float32)

@@ -141,7 +141,8 @@ def decompress_dir(base_dir: Path, delta: Path, out_dir: Path, progress: bool = 
     try:
         walk(base_dir, delta, emit, progress)
         for h in handles.values():
-            h.close()
+            h.close()  # flushed before the files move
+        handles.clear()
         for rel in written:
             dst = out_dir / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
