@@ -34,17 +34,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
+def product(seed: int, m: int, n: int, k: int, trans: bool, block_size: int = 64, double_quant: bool = False
+            ) -> tuple[NF4Tensor, torch.Tensor, torch.Tensor]:
+    """(NF4 weight [n, k], bf16 input a, float64 reference a @ W^T or a @ W on the dequantized weight)."""
+    g = torch.Generator().manual_seed(seed)
+    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), block_size, double_quant=double_quant)
+    a = torch.randn(m, n if trans else k, generator=g).to(torch.bfloat16)
+    w64 = dense_f64(q)
+    return q, a, (a.double() @ w64 if trans else a.double() @ w64.t())
+
+
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("m,n,k,block_size", [(1, 48, 96, 64), (5, 40, 70, 32), (17, 32, 64, 64)])
 def test_interpreted_kernel_matches_float64(trans, double_quant, split, m, n, k, block_size):
     mod = interpreted("nf4_matmul.py")
-    g = torch.Generator().manual_seed(m * 1000 + n + k + split)
-    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), block_size, double_quant=double_quant)
-    a = torch.randn(m, n if trans else k, generator=g).to(torch.bfloat16)
-    w64 = dense_f64(q)
-    ref = a.double() @ w64 if trans else a.double() @ w64.t()
+    q, a, ref = product(m * 1000 + n + k + split, m, n, k, trans, block_size, double_quant)
     cfg = mod.MMConfig(tn=16, tkb=16, split=split, warps=1, stages=1)
     code8 = dynamic_code("cpu") if double_quant else None
     outs = []
@@ -102,11 +108,7 @@ def test_interpreted_block_tiled_kernels_match_float64(double_quant, split, kind
     """The kernels that load one scale per block ([rows, blocks, bytes] tiles): the tensor-core-free GEMV (forward
     few rows, backward one row) and the tl.dot kernel in its blocked variant, against the same float64 product."""
     mod = interpreted("nf4_matmul.py")
-    g = torch.Generator().manual_seed(m * 100 + n + k + split)
-    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), block_size, double_quant=double_quant)
-    a = torch.randn(m, n if trans else k, generator=g).to(torch.bfloat16)
-    w64 = dense_f64(q)
-    ref = a.double() @ w64 if trans else a.double() @ w64.t()
+    q, a, ref = product(m * 100 + n + k + split, m, n, k, trans, block_size, double_quant)
     cfg = mod.MMConfig(tn=16 if kind == "blocked" else 8, tkb=max(16, block_size // 2), split=split, warps=1,
                        gemv=kind == "gemv", blocked=kind == "blocked")
     code8 = dynamic_code("cpu") if double_quant else None
@@ -141,11 +143,7 @@ def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split, pairs)
     with the pair-table lookup (both nibbles of a byte from one 8-byte gather)."""
     mod = interpreted("nf4_matmul.py")
     n, k = 40, 1024  # 512 bytes a row: one or two steps per program, a partial last row tile
-    g = torch.Generator().manual_seed(tn + tkb + split)
-    q = NF4Tensor.from_dense(torch.randn(n, k, generator=g).to(torch.bfloat16), 64)
-    a = torch.randn(1, n if trans else k, generator=g).to(torch.bfloat16)
-    w64 = dense_f64(q)
-    ref = a.double() @ w64 if trans else a.double() @ w64.t()
+    q, a, ref = product(tn + tkb + split, 1, n, k, trans)
     cfg = mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True, pairs=pairs)
     out = mod.nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, None, cfg)
     assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
