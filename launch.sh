@@ -2,7 +2,7 @@
 # The one launcher.
 #   ./launch.sh [hydra overrides]                 train locally (sets up .venv on first use)
 #   ./launch.sh --test [pytest args]              run the test suite (same set-up)
-#   ./launch.sh --module framework.transfer [overrides]   run another entry point
+#   ./launch.sh --module memfit.transfer [overrides]   run another entry point
 #   ./launch.sh --slurm --nodes N --gpus-per-node G [--partition P] [--time HH:MM:SS] [--cpus-per-task C]
 #               [--mem M] [--account A] [--job-name NAME] [--tasks-per-node T] [--dry-run] [hydra overrides]
 #       writes logs/<name>-<stamp>.sbatch (one task per GPU, or T CPU tasks; srun; requeue on preemption/timeout),
@@ -84,13 +84,13 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=\${SLURM_
 RUN_DIR=${LOGS}/\${SLURM_JOB_NAME}-\${SLURM_JOB_ID}
 mkdir -p "\$RUN_DIR"
 echo "[launch] job \${SLURM_JOB_ID} restart \${SLURM_RESTART_COUNT:-0} on \${SLURM_JOB_NODELIST}: run dir \$RUN_DIR"
-srun --kill-on-bad-exit=1 ${PY} -m framework.train ${trainer} trainer.accelerator=${accel} \\
+srun --kill-on-bad-exit=1 ${PY} -m memfit.train ${trainer} trainer.accelerator=${accel} \\
   trainer.devices=${tasks} trainer.num_nodes=${nodes} hydra.run.dir="\$RUN_DIR" paths.output_dir="\$RUN_DIR"${overrides}
 EOF
 }
 
 mode=train
-module=framework.train
+module=memfit.train
 nodes=1 gpus=0 partition="" time="04:00:00" cpus=4 mem="" account="" name="memfit" tasks="" dry=0
 args=()
 while (($#)); do

@@ -27,8 +27,8 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels.ans import ANS_L, ans_encode  # noqa: E402
-from kernels.ans_triton import launch_decode, slot_table  # noqa: E402
+from memfit.kernels.ans import ANS_L, ans_encode  # noqa: E402
+from memfit.kernels.ans_triton import launch_decode, slot_table  # noqa: E402
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels.cce import linear_cross_entropy  # noqa: E402
+from memfit.kernels.cce import linear_cross_entropy  # noqa: E402
 
 N, V, D = 8192, 256000, 2304
 DT = torch.bfloat16
@@ -182,8 +182,8 @@ def agreement(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, peer: Callable)
 
 def sweep(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> None:
     """Time the raw Triton kernels over a few tile configs (to pick the defaults)."""
-    from kernels.cce_bwd import grad_triton
-    from kernels.cce_fwd import stats_triton
+    from memfit.kernels.cce_bwd import grad_triton
+    from memfit.kernels.cce_fwd import stats_triton
 
     tgt = t.long()
     # (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)

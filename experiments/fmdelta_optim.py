@@ -1,6 +1,6 @@
 """Checkpoint sizes of `callbacks=fmdelta`: FM-Delta weights + optimizer state stored raw or with a generic codec.
 
-One full fine-tuning run of the pre-trained tiny model (framework.train.run, callbacks=fmdelta, AdamW) writes a
+One full fine-tuning run of the pre-trained tiny model (memfit.train.run, callbacks=fmdelta, AdamW) writes a
 checkpoint; it is decoded with `load_fmdelta_checkpoint` and re-encoded by `FMDeltaCheckpoint.encode` (the callback's
 own save path) once per optimizer codec, timing each encode and checking that decode restores the optimizer state bit
 for bit. Sizes are the callback's `sizes` (tensor bytes raw vs stored). Writes experiments/results/fmdelta_optim.md.
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from framework.callbacks.fmdelta import FMDeltaCheckpoint, load_fmdelta_checkpoint
-from framework.compression.fmdelta_records import state_fingerprint
+from memfit.callbacks.fmdelta import FMDeltaCheckpoint, load_fmdelta_checkpoint
+from memfit.compression.fmdelta_records import state_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results"
@@ -28,8 +28,8 @@ CODECS: list[tuple[str, int | None]] = [("none", None), ("zlib", 6), ("zstd", 3)
 
 
 def train_checkpoint(steps: int) -> tuple[Path, Any]:
-    from framework.config import compose
-    from framework.train import run
+    from memfit.config import compose
+    from memfit.train import run
 
     base_path = os.environ.get("FMDELTA_TINY_BASE")
     model = ["model=llama", f"model.path={base_path}", "model.dtype=float32"] if base_path else []
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     a = ap.parse_args()
-    from framework.models.build import build_model
+    from memfit.models.build import build_model
 
     ckpt_file, cfg = train_checkpoint(a.steps)
     model, _ = build_model(cfg.model, CACHE)

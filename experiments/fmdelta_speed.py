@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from framework.compression.fmdelta_codec import decode_delta, encode_delta
+from memfit.compression.fmdelta_codec import decode_delta, encode_delta
 
 OUT = Path(os.environ.get("FMDELTA_OUT", Path(__file__).resolve().parent / "results"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +91,7 @@ def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dic
 def time_reference(base: list, ft: list) -> dict[str, float]:
     """The pure-torch path (what runs without a compiler) on one tensor."""
     os.environ["MEMFIT_NO_NATIVE"] = "1"
-    from framework.compression import fmdelta_native
+    from memfit.compression import fmdelta_native
 
     fmdelta_native.library.cache_clear()
     try:

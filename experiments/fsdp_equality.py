@@ -1,4 +1,4 @@
-"""FSDP2 equality: training on 1 vs 2 (vs 4) GPUs with `framework.parallel.fsdp.shard_model` gives the same per-step
+"""FSDP2 equality: training on 1 vs 2 (vs 4) GPUs with `memfit.parallel.fsdp.shard_model` gives the same per-step
 global-mean losses within bf16 tolerance, for a ~1B Llama-shaped model (random weights from a config) with PiSSA + CCE,
 QPiSSA (storage nf4) + CCE and NeuZip (storage neuzip) + PiSSA + CCE; plus per-GPU memory (sharded state, peak).
 
@@ -104,7 +104,7 @@ def worker(rank: int, world: int, port: int, names: list[str], work: Path, args:
            ckpt: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from framework.parallel.fsdp import shard_model
+    from memfit.parallel.fsdp import shard_model
 
     device = setup_dist(rank, world, port, args.smoke, args.pg_timeout)
     try:
@@ -252,9 +252,9 @@ def checkpoint(arch: dict, path: Path) -> Path:
 def neuzip_reason() -> str | None:
     """Why NeuZip cannot run under fully_shard in this checkout (None: try it)."""
     try:
-        from framework.quant.neuzip import NeuZipTensor
+        from memfit.quant.neuzip import NeuZipTensor
     except Exception as e:  # noqa: BLE001
-        return f"framework.quant.neuzip does not import: {last_line(str(e))}"
+        return f"memfit.quant.neuzip does not import: {last_line(str(e))}"
     if not (hasattr(NeuZipTensor, "fsdp_pre_all_gather") and hasattr(NeuZipTensor, "fsdp_post_all_gather")):
         return "NeuZipTensor has no FSDP2 all-gather hooks (shard_model would keep it replicated)"
     return None

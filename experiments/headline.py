@@ -7,7 +7,7 @@ longest sequence each variant fits in memory.
     python experiments/headline.py --smoke               # tiny shapes on any device (checks the script, not a result)
 
 Target (issue 9): ours <= 0.6x the baseline's peak memory at >= its tokens/s. No Hydra app needed: the variants'
-adapter/storage/loss settings are composed from conf/ with `framework.config.compose`.
+adapter/storage/loss settings are composed from conf/ with `memfit.config.compose`.
 """
 
 from __future__ import annotations
@@ -85,15 +85,15 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def ours(adapter: str, storage: str, loss: str, rank: int, extra: tuple[str, ...] = ()) -> Variant:
     """Our stack from the config tree: adapter/storage/loss groups (+ `extra` overrides, e.g.
-    `storage.mantissa_bits=3`), exactly what `framework.train` would build."""
+    `storage.mantissa_bits=3`), exactly what `memfit.train` would build."""
 
     def build(ckpt: Path, device: torch.device):
         from transformers import AutoModelForCausalLM
 
-        from framework.adapters import apply_adapter
-        from framework.config import build as build_cfg
-        from framework.config import compose
-        from framework.quant import apply_storage
+        from memfit.adapters import apply_adapter
+        from memfit.config import build as build_cfg
+        from memfit.config import compose
+        from memfit.quant import apply_storage
 
         cfg = compose("train", [f"adapter={adapter}", f"storage={storage}", f"loss={loss}", "paths.output_dir=/tmp/x",
                                 *([f"adapter.rank={rank}"] if adapter != "none" else []),

@@ -87,9 +87,9 @@ torch.version.cuda, '| GPUs', torch.cuda.device_count())"
 "$PY" -c "
 import sys; sys.path.insert(0, 'experiments')
 import fsdp_equality, scaling, hydra, omegaconf  # noqa
-from framework.parallel.fsdp import shard_model  # noqa
-from framework.quant import apply_storage  # noqa
-from framework.adapters import apply_adapter  # noqa
+from memfit.parallel.fsdp import shard_model  # noqa
+from memfit.quant import apply_storage  # noqa
+from memfit.adapters import apply_adapter  # noqa
 print('imports ok')" 2>&1 | tail -5 | tee -a "$OUT/env.txt"
 grep -q "imports ok" "$OUT/env.txt" || { echo "import check failed: see above"; exit 1; }
 

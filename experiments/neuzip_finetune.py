@@ -46,7 +46,7 @@ class Probe(L.Callback):
         self.seconds = time.perf_counter() - self.t0
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from framework.quant import NeuZipTensor
+        from memfit.quant import NeuZipTensor
 
         opt_state = trainer.optimizers[0].state
         for name, mod in pl_module.model.named_modules():
@@ -63,8 +63,8 @@ class Probe(L.Callback):
 
 
 def one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
-    import framework.train as train
-    from framework.config import compose
+    import memfit.train as train
+    from memfit.config import compose
 
     probe = Probe()
     original = train.make_callbacks

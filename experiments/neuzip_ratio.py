@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from framework.neuzip import model_stats  # noqa: E402
-from framework.quant.neuzip import NeuZipTensor  # noqa: E402
+from memfit.neuzip import model_stats  # noqa: E402
+from memfit.quant.neuzip import NeuZipTensor  # noqa: E402
 
 MODES = [None, 3, 1, 0]
 SENTENCES = ["The cat sits on the mat.", "Entropy coding compresses exponents.", "A quick brown fox jumps.",
@@ -56,8 +56,8 @@ def minilm_rows() -> list[str]:
 
 
 def tiny_rows() -> list[str]:
-    from framework.config import compose
-    from framework.models.build import build_model
+    from memfit.config import compose
+    from memfit.models.build import build_model
 
     cfg = compose("train")
     model, tok = build_model(cfg.model, Path(cfg.paths.cache_dir).expanduser())

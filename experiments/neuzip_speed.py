@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from framework.quant import neuzip_codec as codec
-from framework.quant import neuzip_prefetch as pf
-from framework.quant.neuzip import NeuZipTensor
-from kernels import ans_triton
-from kernels.ans import ans_decode
+from memfit.kernels import ans_triton
+from memfit.kernels.ans import ans_decode
+from memfit.quant import neuzip_codec as codec
+from memfit.quant import neuzip_prefetch as pf
+from memfit.quant.neuzip import NeuZipTensor
 
 
 def timed(fn, reps: int = 5) -> float:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from framework.quant import NF4Tensor
-from kernels.nf4 import unpack_nibbles
+from memfit.kernels.nf4 import unpack_nibbles
+from memfit.quant import NF4Tensor
 
 try:  # the peer; only --make-real runs without it
     import bitsandbytes as bnb
@@ -132,7 +132,7 @@ def host_us(f, x: torch.Tensor, calls: int = 2000) -> float:
 def host_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     """1-token forward, wall clock per call: bitsandbytes, ours through Triton's launch and through kernels/launch
     (MEMFIT_FAST_LAUNCH's path), and dense bf16, in one process on the same input."""
-    from kernels import launch
+    from memfit.kernels import launch
 
     rows = []
     for out_f, in_f in shapes:
@@ -213,7 +213,7 @@ def main() -> None:
         host = table(host_rows([*shapes, (4096, 14336)]))
     except Exception as err:  # noqa: BLE001
         host = f"(failed: {type(err).__name__}: {err})"
-    from kernels.nf4_matmul import _CONFIGS
+    from memfit.kernels.nf4_matmul import _CONFIGS
 
     tuned = [{"direction": "x@W^T (fwd)" if not key[0] else "g@W (bwd)", "W (out x in)": f"{key[1]}x{key[2]}",
               "row_tile": key[3], "config": str(cfg)} for key, cfg in _CONFIGS.items()]

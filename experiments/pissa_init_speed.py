@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.adapters.inject import AdapterSpec, inject
-from framework.adapters.layer import adapter_layers
+from memfit.adapters.inject import AdapterSpec, inject
+from memfit.adapters.layer import adapter_layers
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -38,8 +38,8 @@ class Recorder(L.Callback):
 
 
 def one_run(method: str, storage: str, seed: int, args: argparse.Namespace, out_dir: str) -> dict:
-    import framework.train as train
-    from framework.config import compose
+    import memfit.train as train
+    from memfit.config import compose
 
     rec = Recorder()
     original = train.make_callbacks

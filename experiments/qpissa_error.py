@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from framework.adapters import nf4_quantizer
-from framework.adapters.error import init_error_reduction
+from memfit.adapters import nf4_quantizer
+from memfit.adapters.error import init_error_reduction
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RANKS = (8, 16, 32, 64, 128)
@@ -28,8 +28,8 @@ METHODS = (("QLoRA", "qlora", 1), ("LoftQ 1-iter", "loftq", 1), ("LoftQ 5-iter",
 
 
 def tiny_linears(path: str | None) -> dict[str, nn.Linear]:
-    from framework.config import compose
-    from framework.models.build import build_model
+    from memfit.config import compose
+    from memfit.models.build import build_model
 
     cfg = compose("train", [f"model.path={path}"] if path else [])
     model, _ = build_model(cfg.model, cfg.paths.cache_dir if not path else ".cache/memfit")

@@ -1,4 +1,4 @@
-"""Scaling: tokens/s and peak memory per GPU on 1 vs N GPUs (FSDP2 via framework.parallel.fsdp.shard_model) for our
+"""Scaling: tokens/s and peak memory per GPU on 1 vs N GPUs (FSDP2 via memfit.parallel.fsdp.shard_model) for our
 dense+LoRA, PiSSA+CCE, QPiSSA+CCE and NeuZip+PiSSA+CCE, side by side with plain peft LoRA + HF cross-entropy on the
 same ~1B Llama-shaped model (random weights, vocab 128256), same inputs, in the same run (same processes).
 
@@ -37,7 +37,7 @@ def worker(local_rank: int, world: int, port: int, names: list[str], work: Path,
     (so `run_isolated` can name a variant that fails and carry on with the rest)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from framework.parallel.fsdp import shard_model
+    from memfit.parallel.fsdp import shard_model
 
     device = setup_dist(local_rank, world, port, args.smoke, 120)  # a hung collective fails in 2 min, not 10
     cuda = device.type == "cuda"

@@ -33,8 +33,8 @@ BENCH = [
 
 
 def run_one(task: str, seed: int, work: Path, extra: list[str]) -> dict:
-    from framework.config import compose
-    from framework.transfer.pipeline import run
+    from memfit.config import compose
+    from memfit.transfer.pipeline import run
 
     run_dir = work / f"{task}-s{seed}"
     cfg = compose("transfer", [*BENCH, f"task={task}", f"seed={seed}", f"run_dir={run_dir}",
@@ -132,7 +132,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from framework.data.tasks import resolve_tasks
+    from memfit.data.tasks import resolve_tasks
 
     tasks = resolve_tasks(args.tasks[0] if args.tasks == ["all"] else args.tasks)
     t0 = time.perf_counter()

@@ -1,3 +1,39 @@
-"""Memory-efficient fine-tuning of causal LMs on Lightning."""
+"""memfit: memory-efficient fine-tuning of causal LMs on Lightning.
+
+One import namespace: this folder (framework/ in a checkout) is the package `memfit`, and the checkout's top-level
+kernels/ folder is `memfit.kernels`. That folder has no __init__.py on purpose: where a checkout's root is first on
+sys.path (`python -m`, pytest, launch.sh) a regular package there named `kernels` would shadow Hugging Face's `kernels`
+package, which transformers imports. Installed from a wheel, memfit/kernels/ sits inside this package and is found as
+usual; in a checkout (editable install) `_register_checkout_kernels` points `memfit.kernels` at ../kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+def _register_checkout_kernels() -> None:
+    here = Path(__file__).resolve().parent
+    if (here / "kernels").is_dir() or "memfit.kernels" in sys.modules:
+        return
+    src = here.parent / "kernels"
+    if not (src / "cce.py").is_file():
+        return
+    spec = importlib.machinery.ModuleSpec("memfit.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(src)]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["memfit.kernels"] = module
+    globals()["kernels"] = module
+
+
+if __name__ == "memfit":
+    _register_checkout_kernels()
+else:  # imported as `framework` from a checkout's root (`python -m framework.train`, the old spelling): same package
+    import memfit as _memfit
+
+    sys.modules[__name__] = _memfit

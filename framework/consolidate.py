@@ -1,6 +1,6 @@
 """Turn a (sharded) training checkpoint into a plain HF model directory.
 
-    python -m framework.consolidate RUN/checkpoints/last.ckpt OUT_DIR [--config RUN/.hydra/config.yaml]
+    python -m memfit.consolidate RUN/checkpoints/last.ckpt OUT_DIR [--config RUN/.hydra/config.yaml]
 
 A `trainer=fsdp` checkpoint is a torch.distributed.checkpoint directory (one file per rank); a single-process or DDP
 checkpoint is one file. Either way the model is rebuilt from the run's own config (model, adapter, storage), the
@@ -52,9 +52,9 @@ def find_config(ckpt: str | Path) -> Path:
 
 def export_hf(cfg: DictConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Rebuild the run's model from `cfg`, load `state` (LightningModule keys), merge adapters, save as HF."""
-    from framework.adapters import apply_adapter, merged_copy
-    from framework.models.build import build_model
-    from framework.quant import apply_storage
+    from memfit.adapters import apply_adapter, merged_copy
+    from memfit.models.build import build_model
+    from memfit.quant import apply_storage
 
     cache = Path(cfg.paths.cache_dir).expanduser()
     model, tokenizer = build_model(cfg.model, cache)
@@ -82,7 +82,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m framework.consolidate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m memfit.consolidate", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a Lightning checkpoint file or sharded checkpoint directory")
     ap.add_argument("out_dir", help="where to write the HF model directory")
     ap.add_argument("--config", help="the run's .hydra/config.yaml (default: found above the checkpoint)")

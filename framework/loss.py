@@ -1,7 +1,7 @@
 """LM losses as functions of (hidden states, classifier weight, labels): the model never returns logits in training.
 
 `TorchCrossEntropy` materialises the logits (matmul + F.cross_entropy) and is the reference; `CutCrossEntropy` calls
-the fused kernel in `kernels.cce`, which never holds the N x V logit matrix. Both take the same arguments, so a config
+the fused kernel in `memfit.kernels.cce`, which never holds the N x V logit matrix. Both take the same arguments, so a config
 switch (`loss=torch|cce`) swaps them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from framework.data.collate import IGNORE_INDEX
+from memfit.data.collate import IGNORE_INDEX
 
 
 def shift_labels(labels: torch.Tensor, shift: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ class TorchCrossEntropy:
 
 
 class CutCrossEntropy:
-    """Fused linear cross-entropy (`kernels.cce`): the same loss as TorchCrossEntropy without the N x V logits.
+    """Fused linear cross-entropy (`memfit.kernels.cce`): the same loss as TorchCrossEntropy without the N x V logits.
 
     Triton on CUDA, chunked torch on CPU; FSDP2-sharded (DTensor) head weights are gathered inside the call.
     `filter_eps` ('auto' | float | None = exact) trades a bounded gradient error for speed on GPU.
@@ -53,7 +53,7 @@ class CutCrossEntropy:
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  filter_eps: float | str | None = "auto", accum_fp32: bool = False, impl: str = "auto"):
-        from framework.config import check_choice
+        from memfit.config import check_choice
 
         check_choice("loss.impl", impl, ["auto", "triton", "torch"])
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
@@ -61,7 +61,7 @@ class CutCrossEntropy:
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                  bias: torch.Tensor | None = None, shift: int = 1, softcap: float | None = None) -> torch.Tensor:
-        from kernels.cce import linear_cross_entropy  # lazy: Triton kernels compile (or interpret) on first use
+        from memfit.kernels.cce import linear_cross_entropy  # lazy: Triton kernels compile (or interpret) on first use
 
         return linear_cross_entropy(
             hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, shift=shift, softcap=softcap or None,

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from framework.loss import TorchCrossEntropy
+from memfit.loss import TorchCrossEntropy
 
 
 def first_line(text: str) -> str:

@@ -1,4 +1,4 @@
-"""`python -m framework.neuzip stats <model dir> [--dtype bf16] [--mantissa-bits K]`: NeuZip compressibility.
+"""`python -m memfit.neuzip stats <model dir> [--dtype bf16] [--mantissa-bits K]`: NeuZip compressibility.
 
 Per float tensor: exponent entropy H (bits), the bound 1 + H + kept mantissa bits, the bits/weight NeuZip achieves
 (every stream, table and header counted) and their ratio. Reads *.safetensors (or pytorch_model.bin) from the folder.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from framework.quant import neuzip_codec as codec
-from framework.quant.neuzip import NeuZipTensor
+from memfit.quant import neuzip_codec as codec
+from memfit.quant.neuzip import NeuZipTensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -83,7 +83,7 @@ def model_stats(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m framework.neuzip")
+    ap = argparse.ArgumentParser(prog="python -m memfit.neuzip")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-tensor entropy, achieved bits/weight, ratio vs bound")
     st.add_argument("model_dir")

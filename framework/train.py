@@ -1,4 +1,4 @@
-"""Training entry point: `python -m framework.train [hydra overrides]` (or `./launch.sh`).
+"""Training entry point: `python -m memfit.train [hydra overrides]` (or `./launch.sh`).
 
 Composes data module + lit module + trainer from `conf/train.yaml`, optionally scores the base model first, fits,
 tests, saves, and prints a before/after table.
@@ -18,14 +18,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from framework.adapters import apply_adapter
-from framework.callbacks.monitor import ThroughputMonitor
-from framework.config import build, check_choice
-from framework.models.build import build_model
-from framework.module import LMModule
-from framework.parallel.slurm import SlurmRequeue, on_slurm
-from framework.quant import apply_storage
-from framework.report import print_summary
+from memfit.adapters import apply_adapter
+from memfit.callbacks.monitor import ThroughputMonitor
+from memfit.config import build, check_choice
+from memfit.models.build import build_model
+from memfit.module import LMModule
+from memfit.parallel.slurm import SlurmRequeue, on_slurm
+from memfit.quant import apply_storage
+from memfit.report import print_summary
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
     sharded = getattr(trainer.strategy, "shard", None) is not None
     if sharded:  # FSDP2: trainable (adapter) tensors gathered to full tensors, written by rank 0
-        from framework.parallel.fsdp import save_sharded_model, save_trainable
+        from memfit.parallel.fsdp import save_sharded_model, save_trainable
 
         save_trainable(module.model, Path(cfg.paths.output_dir) / "trainable.safetensors")
         if cfg.get("save_model"):
             save_sharded_model(module, cfg, Path(cfg.save_model))
     if cfg.get("save_model") and trainer.is_global_zero and not sharded:
         save_dir = Path(cfg.save_model)
-        from framework.adapters import merged_copy
+        from memfit.adapters import merged_copy
 
         merged_copy(module.model).save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import ans_ref
+from memfit.kernels import ans_ref
 
 ANS_L = ans_ref.ANS_L
 MAGIC = b"rANS"
@@ -112,7 +112,7 @@ class ANSEncoded:
     def decode_table(self) -> torch.Tensor:
         """The device-resident slot table for the Triton decoder (built on first use, no host sync)."""
         if self.table is None or self.table.device != self.words.device:
-            from kernels.ans_triton import slot_table
+            from memfit.kernels.ans_triton import slot_table
 
             self.table = slot_table(self.freqs, self.prob_bits, self.words.device)
         return self.table
@@ -246,7 +246,7 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
     freqs = _check_freqs(freqs, prob_bits)
     f, cum, _ = _tables(freqs, prob_bits)
     if cuda:
-        from kernels import ans_triton
+        from memfit.kernels import ans_triton
 
         words, offsets, states = ans_triton.encode(symbols, lanes, f, cum, prob_bits)
         enc = ANSEncoded(words, offsets, states, freqs.to(symbols.device), n, lanes, prob_bits)
@@ -270,7 +270,7 @@ def ans_decode(enc: ANSEncoded, device: torch.device | str | None = None, *, val
     if enc.words.dtype != torch.int16:
         raise ValueError(f"ANSEncoded words must be int16, got {enc.words.dtype}")
     if _use_triton(device):
-        from kernels import ans_triton
+        from memfit.kernels import ans_triton
 
         e = enc if enc.words.device == device else enc.to(device)
         if validate:
@@ -293,7 +293,7 @@ def _check_consistent(enc: ANSEncoded) -> None:
 
 def _cpu_backend():
     """The compiled C++ coder, or the torch reference when it cannot be built."""
-    from kernels import ans_cpu
+    from memfit.kernels import ans_cpu
 
     return ans_cpu if ans_cpu.lib() is not None else ans_ref
 
@@ -301,9 +301,9 @@ def _cpu_backend():
 def _histogram(symbols: torch.Tensor) -> torch.Tensor:
     """int64 (256,) counts on the CPU: Triton on CUDA (torch.bincount serialises on one hot bin), else C++."""
     if symbols.is_cuda:
-        from kernels import ans_triton
+        from memfit.kernels import ans_triton
 
         return ans_triton.histogram(symbols).cpu()
-    from kernels import ans_cpu
+    from memfit.kernels import ans_cpu
 
     return ans_cpu.histogram(symbols) if ans_cpu.lib() is not None else torch.bincount(symbols, minlength=256)

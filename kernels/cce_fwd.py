@@ -141,7 +141,7 @@ def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: tor
     key = (triton.next_power_of_2(e.shape[0]), c.shape[0], e.shape[1], e.dtype, e.device, bias is not None,
            bool(softcap), need_sumz)
     if key not in _TUNED:
-        from kernels.tune import tuned
+        from memfit.kernels.tune import tuned
 
         _TUNED[key] = tuned("cce_fwd", key[:4] + key[5:], CANDIDATES,
                             lambda cfg: stats_triton(e, c, bias, tgt, softcap, need_sumz, config=cfg),

@@ -1,4 +1,4 @@
-"""Backend dispatch and the opaque custom ops behind `kernels.cce.linear_cross_entropy`.
+"""Backend dispatch and the opaque custom ops behind `memfit.kernels.cce.linear_cross_entropy`.
 
 `stats` / `grad` pick Triton (CUDA, or CPU under TRITON_INTERPRET=1 when asked) or the chunked torch reference.
 `memfit_cce::forward` / `memfit_cce::backward` wrap them as torch.library custom ops with fake kernels and an autograd
@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kernels.cce_reference import grad_torch, stats_torch
+from memfit.kernels.cce_reference import grad_torch, stats_torch
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -36,7 +36,7 @@ def stats(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torc
     """(lse, target logit, logit sum) per row in fp32 (fp64 for fp64 inputs); tgt < 0 means no target."""
     if resolve_impl(impl, e.device) == "torch" or e.dtype == torch.float64:
         return stats_torch(e, c, bias, tgt, softcap or None, need_sumz)
-    from kernels.cce_fwd import stats_triton
+    from memfit.kernels.cce_fwd import stats_triton
 
     return stats_triton(e, c, bias, tgt, softcap or None, need_sumz)
 
@@ -48,7 +48,7 @@ def grad(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch
     no softcap (so filtering stays valid); with softcap it is per element, and filtering is turned off."""
     if resolve_impl(impl, e.device) == "torch" or e.dtype == torch.float64:
         return grad_torch(e, c, bias, tgt, lse, a, b, u, softcap or None)
-    from kernels.cce_bwd import grad_triton
+    from memfit.kernels.cce_bwd import grad_triton
 
     analytic = u is not None and filter_eps > 0 and not softcap
     if u is not None and softcap:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.nf4 import dequantize_nf4_reference, nf4_code, nf4_code_pairs
+from memfit.kernels.nf4 import dequantize_nf4_reference, nf4_code, nf4_code_pairs
 
 try:  # triton is optional on CPU-only machines
     import triton
@@ -320,7 +320,7 @@ if triton is not None:
 
 
 if triton is not None:  # repeat launches skip Triton's per-call argument binding (kernels/launch.py)
-    from kernels.launch import Fast
+    from memfit.kernels.launch import Fast
 
     _GEMV_T, _GEMV, _MM = Fast(_nf4_gemv_t_kernel), Fast(_nf4_gemv_kernel), Fast(_nf4_mm_kernel)
 
@@ -450,7 +450,7 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
 
 def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
     """Time each candidate once per (shape, direction, row bucket, dtype, device); keep the fastest."""
-    from kernels.tune import tuned
+    from memfit.kernels.tune import tuned
 
     verbose = os.environ.get("NF4_MM_VERBOSE") == "1"
     log = (lambda c, t: print(f"nf4_matmul autotune {key[:4]} {c}: {1000 * t:.1f} us", flush=True)) if verbose else None

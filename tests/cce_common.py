@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():  # before any kernels import: Triton runs on CPU tensors, interpreted
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_inputs(n: int, v: int, d: int, kind: str, seed: int = 0, ignore_every: int = 0):

@@ -41,10 +41,25 @@ FAST = [
 TASK_FAST = ["data.n_train=64", "data.n_val=8", "data.n_test=8"]
 
 
+@pytest.fixture(scope="module")
+def cpu_triton():
+    """For a test module that runs impl='triton' on CPU tensors: the Triton kernels interpreted for that module only
+    (tests/interp.py); on a GPU machine the compiled kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    from interp import interpreter
+
+    with interpreter():
+        yield
+
+
 @pytest.fixture
 def fast_cfg(tmp_path):
     """compose(train, FAST + overrides) with outputs and cache under tmp_path."""
-    from framework.config import compose
+    from memfit.config import compose
 
     def make(*overrides: str):
         task_data = [] if any(o.startswith("data=") for o in overrides) else TASK_FAST

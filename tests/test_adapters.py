@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.adapters import AdapterSpec, adapter_layers, apply_adapter, convert_to_lora, export_peft, merged_copy
-from framework.adapters.inject import inject
-from framework.adapters.layer import LowRankAdapter
+from memfit.adapters import AdapterSpec, adapter_layers, apply_adapter, convert_to_lora, export_peft, merged_copy
+from memfit.adapters.inject import inject
+from memfit.adapters.layer import LowRankAdapter
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -110,7 +110,7 @@ def test_pissa_bf16_residual_stored_in_base_dtype():
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
 @pytest.mark.parametrize("alpha", [4.0, 16.0])
 def test_pissa_exact_matches_float64_svd(shape, alpha):
-    from framework.adapters.inits import pissa_factors
+    from memfit.adapters.inits import pissa_factors
 
     w64 = decaying(*shape)
     r = 4
@@ -128,7 +128,7 @@ def test_pissa_exact_matches_float64_svd(shape, alpha):
 def test_pissa_randomized_equals_torch_svd_lowrank_and_converges():
     """Same Gaussian test matrix (same seed) -> the same Halko approximation as torch.svd_lowrank (peft's fast path);
     more power iterations -> closer to the float64 truncation."""
-    from framework.adapters.inits import pissa_factors
+    from memfit.adapters.inits import pissa_factors
 
     w64 = decaying(64, 48, seed=3)
     r = 6
@@ -147,7 +147,7 @@ def test_pissa_randomized_equals_torch_svd_lowrank_and_converges():
 
 
 def test_batched_init_equals_one_by_one():
-    from framework.adapters.inits import pissa_factors
+    from memfit.adapters.inits import pissa_factors
 
     ws = torch.stack([decaying(20, 16, seed=i) for i in range(3)]).float()
     b, a, res = pissa_factors(ws, 3, 2.0, niter=None)
@@ -302,7 +302,7 @@ def test_error_messages():
 
 # ---------------------------------------------------------------------------------------------------- training
 def test_train_run_with_pissa_only_adapters_move(fast_cfg):
-    from framework.train import run
+    from memfit.train import run
 
     res = run(fast_cfg("adapter=pissa", "adapter.rank=4", "adapter.niter=2", "trainer.max_steps=2", "eval.test=false"))
     # FAST model: hidden 32, kv dim 16, mlp 64, 2 layers; rank 4 on q,k,v,o,gate,up,down

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from framework.adapters.inject import AdapterSpec, inject
+from memfit.adapters.inject import AdapterSpec, inject
 
 pytestmark = pytest.mark.gpu
 

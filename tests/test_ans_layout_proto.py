@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = r'''
 import torch
 from experiments.ans_layout_proto import decode_proto, exponent_symbols, reads, to_groups, variants
-from kernels.ans import ans_encode
+from memfit.kernels.ans import ans_encode
 
 g = torch.Generator().manual_seed(0)
 streams = [exponent_symbols(3001, "cpu"), torch.randint(0, 7, (999,), generator=g).to(torch.uint8),

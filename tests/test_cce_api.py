@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from cce_common import make_inputs, reference
-from kernels.cce import linear_cross_entropy
+from memfit.kernels.cce import linear_cross_entropy
+
+pytestmark = pytest.mark.usefixtures("cpu_triton")  # impl='triton' runs interpreted on CPU
 
 
 def _inputs(seed=0):
@@ -108,7 +110,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_custom_ops_pass_opcheck():
-    from kernels.cce_ops import cce_forward
+    from memfit.kernels.cce_ops import cce_forward
 
     e, c, t = _inputs(4)
     args = (e.requires_grad_(), c.requires_grad_(), None, t, -100, 0.0, 0.0, 0.0, 0.0, True, False, "torch")
@@ -116,8 +118,8 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_cut_cross_entropy_loss_class_matches_torch_loss_with_softcap():
-    """framework.loss.CutCrossEntropy == TorchCrossEntropy (same signature), with Gemma-2 style softcap and shift=1."""
-    from framework.loss import CutCrossEntropy, TorchCrossEntropy
+    """memfit.loss.CutCrossEntropy == TorchCrossEntropy (same signature), with Gemma-2 style softcap and shift=1."""
+    from memfit.loss import CutCrossEntropy, TorchCrossEntropy
 
     e, c, t = make_inputs(2 * 9, 130, 16, "flat", seed=5, ignore_every=5)
     hidden, labels = e.reshape(2, 9, 16), t.reshape(2, 9)
@@ -140,7 +142,7 @@ def test_forward_split_fills_the_waves(row_blocks, v_tiles, slots):
     """Tiles per program: every tile covered, and the launch wastes little of its last wave against the ideal
     row_blocks * v_tiles / slots tile-times (the old rule, splits = ceil(2 * slots / row_blocks), left 2.4 waves of
     320 programs on 132 SMs for the benchmark shape)."""
-    from kernels.cce_fwd import split_tiles
+    from memfit.kernels.cce_fwd import split_tiles
 
     t = split_tiles(row_blocks, v_tiles, slots)
     splits = -(-v_tiles // t)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from cce_common import make_inputs, reference, run_with_grads
 from spawn import spawn
+
+pytestmark = pytest.mark.usefixtures("cpu_triton")  # impl='triton' runs interpreted on CPU
 
 N, V, D = 20, 131, 16  # V odd: the two vocabulary slices have different sizes
 
@@ -28,7 +31,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
-        from kernels.cce import linear_cross_entropy
+        from memfit.kernels.cce import linear_cross_entropy
 
         e, c, t = make_inputs(N, V, D, "peaked", seed=1, ignore_every=3)
         opts = {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}

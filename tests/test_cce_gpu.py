@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cce_common import assert_close_to_gt, make_inputs, reference, run_with_grads
-from kernels.cce import linear_cross_entropy
+from memfit.kernels.cce import linear_cross_entropy
 
 pytestmark = pytest.mark.gpu
 

@@ -1,10 +1,10 @@
-"""Training a tiny model with loss=cce and loss=torch through framework.train.run gives the same loss curve."""
+"""Training a tiny model with loss=cce and loss=torch through memfit.train.run gives the same loss curve."""
 
 from __future__ import annotations
 
 import lightning as L
 
-from framework.config import compose
+from memfit.config import compose
 
 
 class StepLosses(L.Callback):
@@ -18,7 +18,7 @@ class StepLosses(L.Callback):
 
 
 def test_cce_and_torch_loss_curves_agree_for_50_steps(tmp_path, monkeypatch):
-    import framework.train as train_mod
+    import memfit.train as train_mod
 
     curves = {}
     for loss in ("cce", "torch"):

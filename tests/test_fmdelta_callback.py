@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from framework.callbacks.fmdelta import KEY
-from framework.train import run
+from memfit.callbacks.fmdelta import KEY
+from memfit.train import run
 
 COMMON = ["logger=csv", "trainer.max_steps=8", "trainer.val_check_interval=4", "~callbacks.progress",
           "~callbacks.lr_monitor", "callbacks.model_checkpoint.save_top_k=-1", "eval.test=false",
@@ -52,8 +52,8 @@ def test_resume_from_fmdelta_equals_uncompressed_resume(fast_cfg, tmp_path: Path
 
 
 def test_fmdelta_checkpoint_restores_weights_bit_exact(fast_cfg, tmp_path: Path) -> None:
-    from framework.callbacks.fmdelta import load_fmdelta_checkpoint
-    from framework.models.build import build_model
+    from memfit.callbacks.fmdelta import load_fmdelta_checkpoint
+    from memfit.models.build import build_model
 
     cfg = fast_cfg("callbacks=fmdelta", *COMMON, "trainer.max_steps=4", "callbacks.fmdelta.optimizer_codec=zlib")
     cfg.paths.output_dir = str(tmp_path / "run")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.compression import fmdelta_native, fmdelta_ref
-from framework.compression.fmdelta_codec import FORMATS, decode_delta, encode_delta
+from memfit.compression import fmdelta_native, fmdelta_ref
+from memfit.compression.fmdelta_codec import FORMATS, decode_delta, encode_delta
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -181,7 +181,7 @@ def test_wrong_dtype_or_shape_refused() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_round_trip_matches_cpu_bytes(dtype: torch.dtype) -> None:
     """Same layout -> same bytes on both devices; each device's default layout decodes on the other."""
-    from framework.compression.fmdelta_codec import SEGMENT
+    from memfit.compression.fmdelta_codec import SEGMENT
 
     base, ft = adversarial(dtype, n=300_000, seed=3)
     same = {"segment": SEGMENT, "symbols_per_lane": 2048}

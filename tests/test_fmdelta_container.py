@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
-from framework.compression.container import MAGIC, ContainerError, DeltaReader, DeltaWriter
-from framework.compression.fmdelta_records import BaseMismatchError
-from framework.compression.fmdelta_state import load_state_delta, save_state_delta
+from memfit.compression.container import MAGIC, ContainerError, DeltaReader, DeltaWriter
+from memfit.compression.fmdelta_records import BaseMismatchError
+from memfit.compression.fmdelta_state import load_state_delta, save_state_delta
 
 
 def states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_fmdelta_codec import DTYPES, adversarial, bits
 
-from framework.compression import fmdelta_ref
-from framework.compression.fmdelta_codec import FORMATS
 from interp import interpreted
+from memfit.compression import fmdelta_ref
+from memfit.compression.fmdelta_codec import FORMATS
 
 
 def _check(mod, base: torch.Tensor, ft: torch.Tensor, block: int, context: bool) -> None:
@@ -63,7 +63,7 @@ def test_interpreted_decode_rejects_corrupt_payloads():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_match_reference(dtype):
-    from kernels import fmdelta_gpu
+    from memfit.kernels import fmdelta_gpu
 
     base, ft = adversarial(dtype, n=6000)
     g = torch.Generator().manual_seed(5)

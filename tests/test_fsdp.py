@@ -38,7 +38,7 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    from framework.loss import TorchCrossEntropy
+    from memfit.loss import TorchCrossEntropy
 
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
     return TorchCrossEntropy()(hidden, model.lm_head.weight, ids, shift=1)
@@ -51,7 +51,7 @@ class NoHooks(torch.Tensor):
 def test_policy_units_mixed_precision_and_exact_loss(one_rank):
     from torch.distributed.fsdp import FSDPModule
 
-    from framework.parallel.fsdp import ShardedRoot, shard_model
+    from memfit.parallel.fsdp import ShardedRoot, shard_model
 
     model = tiny_llama()
     ref = copy.deepcopy(model)
@@ -75,7 +75,7 @@ def test_policy_units_mixed_precision_and_exact_loss(one_rank):
 
 
 def test_bf16_compute_fp32_master_weights(one_rank):
-    from framework.parallel.fsdp import shard_model
+    from memfit.parallel.fsdp import shard_model
 
     model = tiny_llama()
     seen: list[torch.dtype] = []
@@ -89,8 +89,8 @@ def test_bf16_compute_fp32_master_weights(one_rank):
 
 
 def test_frozen_subclasses_stay_compressed(one_rank):
-    from framework.parallel.fsdp import shard_model
-    from framework.quant.nf4 import NF4Tensor
+    from memfit.parallel.fsdp import shard_model
+    from memfit.quant.nf4 import NF4Tensor
 
     model = tiny_llama()
     for p in model.parameters():
@@ -111,7 +111,7 @@ def test_frozen_subclasses_stay_compressed(one_rank):
 
 
 def test_bad_options_are_named():
-    from framework.parallel.fsdp import FSDP2Strategy
+    from memfit.parallel.fsdp import FSDP2Strategy
 
     with pytest.raises(ValueError, match="strategy.param_dtype='fp8' is not a valid option"):
         FSDP2Strategy(param_dtype="fp8")
@@ -127,9 +127,9 @@ TEXT = ["data=text", "data.max_length=32", "data.n_docs=60", "data.tasks=[boolea
 
 
 def train_fsdp(out, devices: int, batch: int, *extra: str) -> list[float]:
-    cmd = [sys.executable, "-m", "framework.train", *MODEL_FAST, *TEXT, f"trainer.devices={devices}",
+    cmd = [sys.executable, "-m", "memfit.train", *MODEL_FAST, *TEXT, f"trainer.devices={devices}",
            f"data.batch_size={batch}", f"hydra.run.dir={out}", f"paths.output_dir={out}",
-           f"paths.cache_dir={out.parent}/cache", "+callbacks.losslog._target_=framework.callbacks.monitor.LossLog",
+           f"paths.cache_dir={out.parent}/cache", "+callbacks.losslog._target_=memfit.callbacks.monitor.LossLog",
            f"+callbacks.losslog.path={out}/loss.jsonl", *extra]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -154,7 +154,7 @@ def test_two_processes_match_one(tmp_path):
     for run in ("one", "two"):
         ckpt = tmp_path / run / "checkpoints" / "last.ckpt"
         assert (ckpt / ".metadata").is_file()  # sharded (DCP) checkpoint directory
-        out = subprocess.run([sys.executable, "-m", "framework.consolidate", str(ckpt), str(tmp_path / f"hf_{run}")],
+        out = subprocess.run([sys.executable, "-m", "memfit.consolidate", str(ckpt), str(tmp_path / f"hf_{run}")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         models.append(AutoModelForCausalLM.from_pretrained(tmp_path / f"hf_{run}").state_dict())

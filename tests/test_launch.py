@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import launch
+from memfit.kernels import launch
 
 
 class FakeCompiled:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.quant import STORAGES, apply_storage
-from framework.quant import neuzip_codec as codec
-from framework.quant.neuzip import NeuZipTensor, apply_neuzip, shard_rows
+from memfit.quant import STORAGES, apply_storage
+from memfit.quant import neuzip_codec as codec
+from memfit.quant.neuzip import NeuZipTensor, apply_neuzip, shard_rows
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -198,7 +198,7 @@ def test_storage_registry_and_apply():
 
 def test_symbols_per_lane_setting_sets_the_lane_count():
     """storage.symbols_per_lane: ceil(numel / spl) rANS lanes (4-6 bytes each), default SYMBOLS_PER_LANE."""
-    from framework.quant.neuzip import SYMBOLS_PER_LANE
+    from memfit.quant.neuzip import SYMBOLS_PER_LANE
 
     w = torch.randn(256, 200) * 0.02
     sizes = {}
@@ -234,8 +234,8 @@ def test_gpu_dequantize_and_linear_match_cpu():
 
 def test_run_neuzip_lora_losses_equal_dense(fast_cfg, monkeypatch):
     """storage=neuzip (lossless) trains exactly like dense: identical, finite per-step losses through run()."""
-    import framework.module as fm
-    from framework.train import run
+    import memfit.module as fm
+    from memfit.train import run
 
     losses: list[float] = []
     step = fm.LMModule.training_step

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from framework.quant import NeuZipTensor
+from memfit.quant import NeuZipTensor
 from spawn import spawn
 
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.quant import neuzip_codec as codec
-from framework.quant.neuzip import NeuZipTensor
+from memfit.quant import neuzip_codec as codec
+from memfit.quant.neuzip import NeuZipTensor
 
 INTERPRETED = r'''
 import torch
-from framework.quant import neuzip_codec as codec
-from framework.quant.neuzip import NeuZipTensor
-from kernels import ans, ans_triton
+from memfit.quant import neuzip_codec as codec
+from memfit.quant.neuzip import NeuZipTensor
+from memfit.kernels import ans, ans_triton
 from tests.test_neuzip import _adversarial
 
 def bits(t):
@@ -80,7 +80,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("k", [None, 0, 3])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_gpu_fused_dequantize_no_sync(dtype, k, prefetch, monkeypatch):
-    from kernels import ans_triton
+    from memfit.kernels import ans_triton
 
     monkeypatch.setattr(ans_triton, "DECODE_PREFETCH", prefetch)
     g = torch.Generator().manual_seed(1)
@@ -102,7 +102,7 @@ def test_gpu_fused_dequantize_no_sync(dtype, k, prefetch, monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_prefetch_mlp_bit_exact():
-    from framework.quant import neuzip_prefetch as pf
+    from memfit.quant import neuzip_prefetch as pf
 
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [(torch.randn(s, device="cuda", generator=g) * 0.02).to(torch.bfloat16)

@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.quant import NeuZipTensor
-from framework.quant.neuzip_train import apply_trainable_neuzip
-from framework.train import run
+from memfit.quant import NeuZipTensor
+from memfit.quant.neuzip_train import apply_trainable_neuzip
+from memfit.train import run
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.0, foreach=False),
@@ -140,7 +140,7 @@ RUN = ["adapter=none", "optim=sgd", "optim.lr=0.05", "trainer.gradient_clip_val=
 
 
 def _record(monkeypatch, rec: LossRecorder) -> None:
-    import framework.train as train_mod
+    import memfit.train as train_mod
 
     orig = train_mod.make_callbacks
     monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg: orig(cfg) + [rec])
@@ -181,7 +181,7 @@ def test_resume_restores_compressed_weights_and_state(fast_cfg, tmp_path, monkey
     if callbacks[0] == "callbacks=default":
         assert "neuzip_optimizer" in saved
     else:  # zlib bytes inside the FM-Delta blob, restored to the same moments on load
-        from framework.callbacks.fmdelta import KEY, generic_decompress
+        from memfit.callbacks.fmdelta import KEY, generic_decompress
 
         assert "neuzip_optimizer" not in saved and isinstance(saved[KEY]["neuzip_optimizer"], bytes)
         moments = torch.load(io.BytesIO(generic_decompress(saved[KEY]["neuzip_optimizer"], "zlib")))

@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.quant import NF4Tensor
-from framework.quant.nf4_double import DQ_BLOCK, dequantize_absmax, dynamic_map_values, quantize_absmax
 from interp import interpreted
-from kernels.nf4 import (
+from memfit.kernels.nf4 import (
     NF4_CODE,
     dequantize_nf4_reference,
     nf4_midpoints,
@@ -21,6 +19,8 @@ from kernels.nf4 import (
     quantize_nf4,
     unpack_nibbles,
 )
+from memfit.quant import NF4Tensor
+from memfit.quant.nf4_double import DQ_BLOCK, dequantize_absmax, dynamic_map_values, quantize_absmax
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE64 = torch.tensor(NF4_CODE, dtype=torch.float64)

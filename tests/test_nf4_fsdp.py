@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from framework.quant import NF4Tensor
+from memfit.quant import NF4Tensor
 from spawn import spawn
 
 WORLD = 2

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant import NF4Tensor
+from memfit.quant import NF4Tensor
 from spawn import spawn
 
 BATCH, STEPS, LR = 8, 2, 0.5

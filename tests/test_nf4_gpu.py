@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.quant import NF4Tensor
-from kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
+from memfit.kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
+from memfit.quant import NF4Tensor
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +46,7 @@ def test_linear_fwd_bwd_on_cuda():
 def test_nf4_model_generation_on_cuda():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from framework.quant.nf4_apply import apply_nf4
+    from memfit.quant.nf4_apply import apply_nf4
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -66,8 +66,8 @@ def test_nf4_model_generation_on_cuda():
                                                  (384, 640, 7, True)])
 def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
     """Fused dequant-GEMM (both directions, split-K and not) vs a float64 product on the dequantized weight."""
-    from framework.quant.nf4_double import dynamic_code
-    from kernels.nf4_matmul import _WS, MMConfig, nf4_matmul
+    from memfit.kernels.nf4_matmul import _WS, MMConfig, nf4_matmul
+    from memfit.quant.nf4_double import dynamic_code
 
     q = NF4Tensor.from_dense(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), double_quant=double_quant)
     wd = q.dequantize().double()
@@ -120,9 +120,9 @@ def test_linear_dispatch_fwd_bwd_on_cuda(m):
 def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
     """kernels/launch.Fast (compiled-kernel reuse) gives bit-identical results to Triton's own launch path for every
     fused-kernel kind, with aligned and misaligned inputs and shapes alternating (new specialisations, then reuse)."""
-    from framework.quant.nf4_double import dynamic_code
-    from kernels import launch
-    from kernels.nf4_matmul import MMConfig, nf4_matmul
+    from memfit.kernels import launch
+    from memfit.kernels.nf4_matmul import MMConfig, nf4_matmul
+    from memfit.quant.nf4_double import dynamic_code
 
     cases = []
     for n, k in ((4096, 4096), (1000, 640)):
@@ -147,7 +147,7 @@ def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
         got = run_all()
         assert all(torch.equal(g, r) for g, r in zip(got, ref))
     torch.cuda.synchronize()
-    from kernels import nf4_matmul as nm
+    from memfit.kernels import nf4_matmul as nm
 
     # the compiled kernels were kept, so passes 2 and 3 went through them, not through Triton's binder
     assert nm._GEMV.cache and nm._GEMV_T.cache and nm._MM.cache

@@ -1,5 +1,5 @@
 """NF4 weights in use: F.linear forward/backward, `.to`, `apply_nf4` on a causal LM (forward + greedy generation),
-checkpoint size (~4x smaller than bf16), and `storage=nf4` training through `framework.train.run`."""
+checkpoint size (~4x smaller than bf16), and `storage=nf4` training through `memfit.train.run`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant import NF4Tensor, apply_storage
-from framework.quant.nf4_apply import apply_nf4, nf4_targets
+from memfit.quant import NF4Tensor, apply_storage
+from memfit.quant.nf4_apply import apply_nf4, nf4_targets
 
 
 def frozen_nf4(w: torch.Tensor, **kw) -> nn.Parameter:
@@ -143,7 +143,7 @@ def test_checkpoint_is_about_4x_smaller_than_bf16(double_quant, min_ratio):
 
 
 def test_storage_nf4_trains_lora_and_checkpoints_packed(fast_cfg, tmp_path):
-    from framework.train import run
+    from memfit.train import run
 
     cfg = fast_cfg("adapter=lora", "storage=nf4", "trainer.max_steps=3", "eval.test=true", "data.n_test=4",
                    "callbacks=default", "~callbacks.progress", "~callbacks.lr_monitor",

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.quant import NF4Tensor
-from framework.quant.nf4_double import dynamic_code
 from interp import interpreted
-from kernels.nf4 import NF4_CODE, unpack_nibbles
-from kernels.nf4_matmul import candidate_configs, nf4_matmul_reference
+from memfit.kernels.nf4 import NF4_CODE, unpack_nibbles
+from memfit.kernels.nf4_matmul import candidate_configs, nf4_matmul_reference
+from memfit.quant import NF4Tensor
+from memfit.quant.nf4_double import dynamic_code
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE64 = torch.tensor(NF4_CODE, dtype=torch.float64)
@@ -173,7 +173,7 @@ def test_interpreted_blocked_pair_table_equals_code_table(double_quant):
 
 
 def test_code_pairs_table_against_code_table():
-    from kernels.nf4 import NF4_CODE, nf4_code_pairs
+    from memfit.kernels.nf4 import NF4_CODE, nf4_code_pairs
 
     pairs = nf4_code_pairs()
     lo = (pairs & 0xFFFFFFFF).to(torch.int32).view(torch.float32)

@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from framework.adapters import AdapterSpec, adapter_layers, apply_adapter, nf4_quantizer
-from framework.adapters.error import init_error_reduction
-from framework.adapters.inject import inject
-from framework.quant import NF4Tensor
+from memfit.adapters import AdapterSpec, adapter_layers, apply_adapter, nf4_quantizer
+from memfit.adapters.error import init_error_reduction
+from memfit.adapters.inject import inject
+from memfit.quant import NF4Tensor
 
 NF4 = {"name": "nf4", "block_size": 64, "double_quant": False}
 
@@ -141,7 +141,7 @@ def test_apply_adapter_then_storage_end_to_end():
     """train.py's order: apply_adapter (QPiSSA init) then apply_storage (nf4 of the residual)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from framework.quant import apply_storage
+    from memfit.quant import apply_storage
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -241,7 +241,7 @@ def test_hydra_multirun_runs_as_a_job_array(slurm_cluster, tmp_path):
     from omegaconf import OmegaConf
 
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "framework.train", "-m", "hydra/launcher=slurm", "optim.lr=1e-3,3e-3",
+    cmd = [sys.executable, "-m", "memfit.train", "-m", "hydra/launcher=slurm", "optim.lr=1e-3,3e-3",
            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
            f"hydra.sweep.dir={sweep}", *[o for o in RUN if not o.startswith("optim.lr=")], "trainer.max_steps=3", "trainer.accelerator=cpu",
            f"paths.cache_dir={tmp_path}/cache"]

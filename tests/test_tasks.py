@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from framework.data.tasks import TASKS, generate_split, resolve_tasks
+from memfit.data.tasks import TASKS, generate_split, resolve_tasks
 
 N = 150
 

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT, TASK_FAST
-from framework.train import run
+from memfit.train import run
 
 
 class LossRecorder(L.Callback):
@@ -50,7 +50,7 @@ def test_fast_dev_run_text(fast_cfg, tmp_path):
 def test_completion_only_labels(fast_cfg):
     from hydra.utils import instantiate
 
-    from framework.models.tokenizer import char_tokenizer
+    from memfit.models.tokenizer import char_tokenizer
 
     cfg = fast_cfg()
     dm = instantiate(cfg.data)
@@ -75,7 +75,7 @@ def _resume_cfg(fast_cfg, tmp_path, steps):
 
 def test_resume_from_checkpoint_gives_identical_losses(fast_cfg, tmp_path, monkeypatch):
     """Resume mid-epoch (step 3 of a 5-batch epoch) and across the epoch boundary: same losses as uninterrupted."""
-    import framework.train as train_mod
+    import memfit.train as train_mod
 
     rec_full, rec_resumed = LossRecorder(), LossRecorder()
     made = []
@@ -96,7 +96,7 @@ def test_resume_from_checkpoint_gives_identical_losses(fast_cfg, tmp_path, monke
 
 def test_accuracy_metric_on_known_predictions(fast_cfg, monkeypatch):
     """test/acc equals the exact-match rate of predictions we choose, per task and overall."""
-    from framework.module import LMModule, first_line
+    from memfit.module import LMModule, first_line
 
     assert first_line("  True\nQ: more") == "True"
     cfg = fast_cfg("data.tasks=[boolean_expressions,navigate]", "data.n_test=6", "trainer.max_steps=1")
@@ -112,8 +112,8 @@ def test_accuracy_metric_on_known_predictions(fast_cfg, monkeypatch):
 
     from hydra.utils import instantiate
 
-    from framework.data.collate import format_prompt
-    from framework.data.tasks import generate_split
+    from memfit.data.collate import format_prompt
+    from memfit.data.tasks import generate_split
 
     data = instantiate(cfg.data)
     for t in ("boolean_expressions", "navigate"):
@@ -130,7 +130,7 @@ def test_accuracy_metric_on_known_predictions(fast_cfg, monkeypatch):
 
 
 def test_multirun_sweeps_two_values(tmp_path):
-    cmd = [sys.executable, "-m", "framework.train", "-m", "optim.lr=1e-3,2e-3", *FAST, *TASK_FAST, "trainer.fast_dev_run=true",
+    cmd = [sys.executable, "-m", "memfit.train", "-m", "optim.lr=1e-3,2e-3", *FAST, *TASK_FAST, "trainer.fast_dev_run=true",
            f"paths.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep", "eval.test=false"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -167,7 +167,7 @@ def test_local_checkpoint_round_trip(fast_cfg, tmp_path):
     """A model saved by one run loads through model.path with identical weights."""
     cfg = fast_cfg("trainer.max_steps=2", "eval.test=false", f"save_model={tmp_path}/saved")
     res = run(cfg)
-    from framework.models.build import load_local
+    from memfit.models.build import load_local
 
     model, tok = load_local(tmp_path / "saved", torch.float32)
     assert len(tok) == model.config.vocab_size
@@ -177,8 +177,8 @@ def test_local_checkpoint_round_trip(fast_cfg, tmp_path):
 
 
 def test_pretrained_base_is_built_once_and_cached(fast_cfg, tmp_path):
-    from framework.models.build import build_model
-    from framework.models.pretrain import ensure_pretrained
+    from memfit.models.build import build_model
+    from memfit.models.pretrain import ensure_pretrained
 
     cfg = fast_cfg("model.pretrained=true")
     cfg.model.recipe_overrides = ["trainer.max_steps=2", "data.n_docs=30", "data.max_length=64", "data.batch_size=4"]

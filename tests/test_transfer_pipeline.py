@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from framework.config import compose
+from memfit.config import compose
 
 STAGE_DIRS = ["source_lora", "discriminator", "synthesize", "distill_filtered", "distill_unfiltered", "distill_seeds",
               "evaluate"]
@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory):
     """One full pipeline run (all stages, all distill variants); tests copy its directory before changing it."""
-    from framework.transfer.pipeline import run
+    from memfit.transfer.pipeline import run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("translora")
@@ -68,7 +68,7 @@ def read_jsonl(p: Path) -> list[dict]:
 
 
 def test_end_to_end_produces_every_artefact(done_run):
-    from framework.transfer.synthesize import keep_rule
+    from memfit.transfer.synthesize import keep_rule
 
     run_dir, _, results = done_run
     for d in STAGE_DIRS:
@@ -111,9 +111,9 @@ def test_end_to_end_produces_every_artefact(done_run):
 
 def test_cross_tokenizer_distillation_uses_teacher_text(done_run):
     """The student (BPE) trains on the teacher's (char-level) greedy answers, checked with a plain greedy loop."""
-    from framework.data.collate import format_prompt
-    from framework.models.build import load_local
-    from framework.transfer.distill import same_vocabulary
+    from memfit.data.collate import format_prompt
+    from memfit.models.build import load_local
+    from memfit.transfer.distill import same_vocabulary
 
     run_dir, _, _ = done_run
     teacher, ttok = load_local(run_dir / "source_lora" / "model", torch.float32)
@@ -136,8 +136,8 @@ def test_cross_tokenizer_distillation_uses_teacher_text(done_run):
 
 
 def test_resume_skips_done_stages_and_finishes_a_crashed_one(done_run, tmp_path, monkeypatch):
-    from framework.transfer import stages
-    from framework.transfer.pipeline import run
+    from memfit.transfer import stages
+    from memfit.transfer.pipeline import run
 
     src, cache, results = done_run
     run_dir = tmp_path / "run"
@@ -168,7 +168,7 @@ def test_resume_skips_done_stages_and_finishes_a_crashed_one(done_run, tmp_path,
 
 
 def test_stage_subset_needs_its_inputs_and_task_must_match(done_run, tmp_path):
-    from framework.transfer.pipeline import run
+    from memfit.transfer.pipeline import run
 
     src, cache, _ = done_run
     with pytest.raises(FileNotFoundError, match=r"stage distill needs .*synthesize \(made by stage synthesize\); run it "
@@ -185,7 +185,7 @@ def test_stage_subset_needs_its_inputs_and_task_must_match(done_run, tmp_path):
 
 
 def test_logit_kl_only_with_matching_tokenizers(done_run, tmp_path):
-    from framework.transfer.pipeline import run
+    from memfit.transfer.pipeline import run
 
     src, cache, _ = done_run
     teacher = src / "source_lora" / "model"
@@ -210,7 +210,7 @@ def test_cli_entry_point_resumes_a_finished_run(done_run, tmp_path):
     shutil.copytree(src, run_dir)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     ov = [*overrides(run_dir, cache), f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.run([sys.executable, "-m", "framework.transfer", *ov], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "memfit.transfer", *ov], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for d in STAGE_DIRS:

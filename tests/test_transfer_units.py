@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from framework.transfer.mmd import median_bandwidth, mmd2, pca_2d
-from framework.transfer.synthesize import check_seeds, keep_rule, list_prompt, parse_item, rejection_sample
+from memfit.transfer.mmd import median_bandwidth, mmd2, pca_2d
+from memfit.transfer.synthesize import check_seeds, keep_rule, list_prompt, parse_item, rejection_sample
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +158,7 @@ def test_too_few_seeds():
 
 
 def test_seed_file_task_mismatch(tmp_path):
-    from framework.transfer.pipeline import load_seeds
+    from memfit.transfer.pipeline import load_seeds
 
     f = tmp_path / "seeds.jsonl"
     f.write_text("".join(json.dumps({"input": f"x{i}", "task": "navigate"}) + "\n" for i in range(6)))
@@ -172,8 +172,8 @@ def test_seed_file_task_mismatch(tmp_path):
 # --------------------------------------------------------------------------------- generation, scoring, distill
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from framework.models.build import from_arch
-    from framework.models.tokenizer import char_tokenizer
+    from memfit.models.build import from_arch
+    from memfit.models.tokenizer import char_tokenizer
 
     tok = char_tokenizer()
     arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -182,7 +182,7 @@ def tiny_lm():
 
 
 def test_batched_greedy_generation_matches_unbatched_loop(tiny_lm):
-    from framework.transfer.generate import generate_texts
+    from memfit.transfer.generate import generate_texts
 
     model, tok = tiny_lm
     prompts = ["Q: True and False is\nA:", "abc", "Here are 10 examples:\n1."]
@@ -200,7 +200,7 @@ def test_batched_greedy_generation_matches_unbatched_loop(tiny_lm):
 
 
 def test_completion_logprobs_match_unpadded_float64(tiny_lm):
-    from framework.transfer.generate import completion_logprobs
+    from memfit.transfer.generate import completion_logprobs
 
     model, tok = tiny_lm
     prompts, comps = ["x is", "a much longer prompt here", "q"], [" yes", " no", " maybe"]
@@ -214,7 +214,7 @@ def test_completion_logprobs_match_unpadded_float64(tiny_lm):
 
 
 def test_kl_on_labels_matches_float64_reference():
-    from framework.transfer.distill import kl_on_labels
+    from memfit.transfer.distill import kl_on_labels
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
@@ -231,8 +231,8 @@ def test_kl_on_labels_matches_float64_reference():
 
 
 def test_vocabulary_check():
-    from framework.models.build import make_tokenizer
-    from framework.transfer.distill import same_vocabulary
+    from memfit.models.build import make_tokenizer
+    from memfit.transfer.distill import same_vocabulary
 
     char, bpe = make_tokenizer("char"), make_tokenizer("bpe", 300)
     assert same_vocabulary(char, make_tokenizer("char"))
@@ -240,7 +240,7 @@ def test_vocabulary_check():
 
 
 def test_discriminator_rows_and_accuracy():
-    from framework.transfer import discriminate as D
+    from memfit.transfer import discriminate as D
 
     rows = D.disc_rows(["r1"], ["s1", "s2"], "word_sorting")
     assert rows[0]["prompt"] == "r1\nIs the above question from word sorting dataset?"
@@ -253,8 +253,8 @@ def test_discriminator_rows_and_accuracy():
 
 
 def test_text_data_list_docs():
-    from framework.data.datamodule import TextData
-    from framework.models.tokenizer import char_tokenizer
+    from memfit.data.datamodule import TextData
+    from memfit.models.tokenizer import char_tokenizer
 
     dm = TextData(tasks="word_sorting", n_docs=40, list_docs=0.2, max_length=64)
     dm.set_tokenizer(char_tokenizer())

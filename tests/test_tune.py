@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("triton")
 import triton.testing  # noqa: E402
 
-from kernels.tune import fastest  # noqa: E402
+from memfit.kernels.tune import fastest  # noqa: E402
 
 
 def test_fastest_picks_minimum_and_skips_failures(monkeypatch):
@@ -55,7 +55,7 @@ def bench(monkeypatch, tmp_path):
 
 
 def test_tuned_persists_pick_and_reuses_it_without_timing(bench):
-    from kernels.tune import tuned
+    from memfit.kernels.tune import tuned
 
     calls: list = []
     run = _counting_run({(1, 2): 2.0, (3, 4): 1.0}, calls)
@@ -75,7 +75,7 @@ def test_tuned_persists_pick_and_reuses_it_without_timing(bench):
 
 
 def test_tuned_keys_on_kernel_source(bench, tmp_path):
-    from kernels import tune
+    from memfit.kernels import tune
 
     src = tmp_path / "kernel_v1.py"
     src.write_text("v1")
@@ -89,7 +89,7 @@ def test_tuned_keys_on_kernel_source(bench, tmp_path):
 
 
 def test_tuned_all_failed_is_not_cached_and_off_switch(bench, monkeypatch):
-    from kernels.tune import tuned
+    from memfit.kernels.tune import tuned
 
     calls: list = []
     run = _counting_run({}, calls)
@@ -103,7 +103,7 @@ def test_tuned_all_failed_is_not_cached_and_off_switch(bench, monkeypatch):
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"a": 3}'])
 def test_tuned_corrupt_cache_warns_and_is_rewritten(bench, content):
-    from kernels.tune import tuned
+    from memfit.kernels.tune import tuned
 
     bench.parent.mkdir(parents=True)
     bench.write_text(content)
@@ -116,7 +116,7 @@ def test_tuned_corrupt_cache_warns_and_is_rewritten(bench, content):
 
 
 def test_tuned_unwritable_cache_warns_and_still_picks(bench, monkeypatch, tmp_path):
-    from kernels.tune import tuned
+    from memfit.kernels.tune import tuned
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -130,7 +130,7 @@ def _store_many(path: str, tag: str) -> None:
     import os
 
     os.environ["MEMFIT_TUNE_CACHE"] = path
-    from kernels import tune
+    from memfit.kernels import tune
 
     for i in range(25):
         tune._store(Path(path), f"{tag}{i}", repr(i))
@@ -155,7 +155,7 @@ def test_nf4_autotune_pick_survives_a_new_process(bench):
     process), the same key returns the cached MMConfig without timing anything."""
     import torch
 
-    from kernels import nf4_matmul as nm
+    from memfit.kernels import nf4_matmul as nm
 
     cands = nm.candidate_configs(4096, 4096, False, 132, 1, 64)
     times = {c: 1.0 + i for i, c in enumerate(cands)}

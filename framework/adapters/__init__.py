@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from framework.adapters.convert import LoraFactors, convert_to_lora, merge, merged_copy
-from framework.adapters.export import adapter_state, export_peft
-from framework.adapters.inits import Quantizer
-from framework.adapters.inject import AdapterSpec, inject
-from framework.adapters.layer import LowRankAdapter, adapter_layers
-from framework.config import check_choice
+from memfit.adapters.convert import LoraFactors, convert_to_lora, merge, merged_copy
+from memfit.adapters.export import adapter_state, export_peft
+from memfit.adapters.inits import Quantizer
+from memfit.adapters.inject import AdapterSpec, inject
+from memfit.adapters.layer import LowRankAdapter, adapter_layers
+from memfit.config import check_choice
 
 ADAPTERS = ("none", "lora", "pissa", "loftq")
 # storages whose frozen weights are lossy: PiSSA iterates against them (QPiSSA), LoftQ fits their error
@@ -30,7 +30,7 @@ __all__ = ["ADAPTERS", "AdapterSpec", "LoraFactors", "LowRankAdapter", "adapter_
 def nf4_quantizer(storage: DictConfig | dict) -> Callable[[nn.Module], Quantizer]:
     """For a base layer: (out, in) fp32 -> fp32 dequantization of exactly what `storage=nf4` will store (same dtype
     cast, same memory layout, same block size)."""
-    from framework.quant import NF4Tensor
+    from memfit.quant import NF4Tensor
 
     block = int(storage.get("block_size", 64))
     double = bool(storage.get("double_quant", False))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from framework.adapters.layer import LowRankAdapter, adapter_layers, dense, is_conv1d
+from memfit.adapters.layer import LowRankAdapter, adapter_layers, dense, is_conv1d
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.adapters.inits import Quantizer, loftq_factors, pissa_factors, qpissa_factors, quantize_stack
+from memfit.adapters.inits import Quantizer, loftq_factors, pissa_factors, qpissa_factors, quantize_stack
 
 METHODS = ("qlora", "loftq", "pissa")
 

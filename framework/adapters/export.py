@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from framework.adapters.convert import LoraFactors, convert_to_lora
-from framework.adapters.layer import adapter_layers
+from memfit.adapters.convert import LoraFactors, convert_to_lora
+from memfit.adapters.layer import adapter_layers
 
 META_FILE = "memfit_adapter.json"
 

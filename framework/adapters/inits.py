@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from framework.adapters.svd import check_rank, top_r
+from memfit.adapters.svd import check_rank, top_r
 
 Tensor = torch.Tensor
 # maps a dense (out, in) fp32 matrix to the fp32 dequantization of its stored (quantized) form

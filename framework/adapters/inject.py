@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from framework.adapters.inits import LORA_INITS, Quantizer, loftq_factors, lora_factors, pissa_factors, qpissa_factors
-from framework.adapters.layer import LowRankAdapter, base_shape, dense
-from framework.adapters.svd import check_rank
-from framework.adapters.targets import find_targets, pattern_value, unused_patterns
+from memfit.adapters.inits import LORA_INITS, Quantizer, loftq_factors, lora_factors, pissa_factors, qpissa_factors
+from memfit.adapters.layer import LowRankAdapter, base_shape, dense
+from memfit.adapters.svd import check_rank
+from memfit.adapters.targets import find_targets, pattern_value, unused_patterns
 
 INITS = ("lora", "pissa", "loftq")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

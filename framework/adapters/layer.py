@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.adapters.inits import scaling
+from memfit.adapters.inits import scaling
 
 
 def is_conv1d(module: nn.Module) -> bool:

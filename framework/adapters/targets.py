@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from framework.adapters.layer import LowRankAdapter, is_conv1d
+from memfit.adapters.layer import LowRankAdapter, is_conv1d
 
 ALL_LINEAR = "all-linear"
 

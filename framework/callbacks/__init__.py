@@ -1,5 +1,5 @@
 """Lightning callbacks."""
 
-from framework.callbacks.monitor import ThroughputMonitor
+from memfit.callbacks.monitor import ThroughputMonitor
 
 __all__ = ["ThroughputMonitor"]

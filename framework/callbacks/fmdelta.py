@@ -20,9 +20,9 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from framework.compression.fmdelta_records import state_fingerprint
-from framework.compression.fmdelta_state import load_state_delta, save_state_delta
-from framework.config import check_choice
+from memfit.compression.fmdelta_records import state_fingerprint
+from memfit.compression.fmdelta_state import load_state_delta, save_state_delta
+from memfit.config import check_choice
 
 CODECS = ("none", "zlib", "lzma", "zstd")
 KEY = "fmdelta"

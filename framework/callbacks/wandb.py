@@ -6,7 +6,7 @@ import netrc
 import os
 from typing import Any
 
-from framework.config import check_choice
+from memfit.config import check_choice
 
 MODES = ("auto", "online", "offline", "disabled")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from framework.compression import fmdelta_native, fmdelta_ref
+from memfit.compression import fmdelta_native, fmdelta_ref
 
 BLOCK = 1 << 16  # elements per raw-bit block (word-aligned start)
 SEGMENT = 1 << 22  # elements per entropy-coded segment (a multiple of BLOCK)
@@ -62,13 +62,13 @@ def _use_native(t: torch.Tensor) -> bool:
 def _use_gpu_kernels(t: torch.Tensor, block: int) -> bool:
     if not t.is_cuda:  # CPU paths never import the Triton module
         return False
-    from kernels import fmdelta_gpu
+    from memfit.kernels import fmdelta_gpu
 
     return block % fmdelta_gpu.CHUNK == 0
 
 
 def _gpu_decode():
-    from kernels import fmdelta_gpu
+    from memfit.kernels import fmdelta_gpu
 
     return fmdelta_gpu.decode
 
@@ -81,7 +81,7 @@ def _symbolise(bs: torch.Tensor, fs: torch.Tensor, fmt: FloatFormat, mask: int, 
         counts = torch.zeros(256, dtype=torch.int64)
         return (*fmdelta_native.encode(bs, fs, fmt.exp_shift, mask, block, counts), counts)
     if _use_gpu_kernels(bs, block):
-        from kernels import fmdelta_gpu
+        from memfit.kernels import fmdelta_gpu
 
         sym, block_words, words, counts = fmdelta_gpu.encode(bs, fs, fmt.exp_shift, mask, block)
         return sym, block_words, words, counts.cpu()
@@ -108,7 +108,7 @@ def encode_delta(base: torch.Tensor, ft: torch.Tensor, *, context: bool = True, 
     Defaults depend on the device: on CPU, segments of SEGMENT elements (bounded decode memory, thread-parallel) and
     the coder's default lanes; on CUDA one segment per tensor (up to GPU_SEGMENT) and GPU_SYMBOLS_PER_LANE, because
     a GPU needs ~10^5 independent rANS lanes to hide its latency (per-lane cost: ~6 bytes, <0.2 bits per symbol)."""
-    from kernels.ans import ans_encode, default_lanes, quantize_frequencies
+    from memfit.kernels.ans import ans_encode, default_lanes, quantize_frequencies
 
     if not delta_codable(base, ft):
         raise ValueError(f"cannot delta-code {ft.dtype} {tuple(ft.shape)} against {base.dtype} {tuple(base.shape)}")
@@ -160,7 +160,7 @@ def _segment_views(meta: dict, payload: memoryview, n_total: int) -> list[tuple[
 
 def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) -> torch.Tensor:
     """Fine-tuned tensor (base's dtype, shape and device) from its base and `encode_delta` output."""
-    from kernels.ans import ANSEncoded, ans_decode
+    from memfit.kernels.ans import ANSEncoded, ans_decode
 
     fmt = FORMATS.get(base.dtype)
     if fmt is None:

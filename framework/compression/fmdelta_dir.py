@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from framework.compression.container import ContainerError, DeltaReader, DeltaWriter
-from framework.compression.fmdelta_records import BaseMismatchError, crc, decode_record, encode_record, fingerprint
-from framework.compression.safetensors_dir import BaseIndex, list_files, parse, read_tensor
+from memfit.compression.container import ContainerError, DeltaReader, DeltaWriter
+from memfit.compression.fmdelta_records import BaseMismatchError, crc, decode_record, encode_record, fingerprint
+from memfit.compression.safetensors_dir import BaseIndex, list_files, parse, read_tensor
 
 
 def structure_hash(index: BaseIndex) -> str:
@@ -186,8 +186,8 @@ def _close_compare(state: dict[str, Any]) -> None:
 
 def stats(delta: Path) -> list[dict[str, Any]]:
     """Per record: name, dtype, mode, raw and stored bytes (no base needed)."""
-    from framework.compression.fmdelta_codec import payload_stats
-    from framework.compression.fmdelta_records import DTYPES
+    from memfit.compression.fmdelta_codec import payload_stats
+    from memfit.compression.fmdelta_records import DTYPES
 
     rows = []
     with DeltaReader(delta) as r:

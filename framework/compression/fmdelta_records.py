@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from framework.compression.fmdelta_codec import decode_delta, delta_codable, encode_delta
+from memfit.compression.fmdelta_codec import decode_delta, delta_codable, encode_delta
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d

@@ -8,8 +8,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from framework.compression.container import DeltaReader, DeltaWriter
-from framework.compression.fmdelta_records import BaseMismatchError, decode_record, encode_record, state_fingerprint
+from memfit.compression.container import DeltaReader, DeltaWriter
+from memfit.compression.fmdelta_records import BaseMismatchError, decode_record, encode_record, state_fingerprint
 
 
 def save_state_delta(f: BinaryIO | str | os.PathLike, state: Mapping[str, torch.Tensor],

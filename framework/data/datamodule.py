@@ -11,9 +11,9 @@ from typing import Any
 import lightning as L
 from datasets import Dataset
 
-from framework.data.collate import Collator, encode_pair, format_prompt
-from framework.data.loader import ResumableLoader
-from framework.data.tasks import generate_split, resolve_tasks
+from memfit.data.collate import Collator, encode_pair, format_prompt
+from memfit.data.loader import ResumableLoader
+from memfit.data.tasks import generate_split, resolve_tasks
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class PromptCompletionData(LMDataModule):
 
 
 class TaskSuiteData(PromptCompletionData):
-    """The generated BBH-format suite (`framework.data.tasks`), deterministic by seed."""
+    """The generated BBH-format suite (`memfit.data.tasks`), deterministic by seed."""
 
     def __init__(self, tasks: str | list[str] = "boolean_expressions", n_train: int = 1000, n_val: int = 100,
                  n_test: int = 200, fewshot: int = 0, difficulty: dict[str, dict] | None = None, **kw):

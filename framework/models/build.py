@@ -1,7 +1,7 @@
 """Build or load causal LMs: a local HF checkpoint directory, or a Llama-architecture model from a config.
 
 Nothing is downloaded: `path` must be a local directory, and `model=tiny` builds its tokenizer and weights locally
-(optionally pre-trained by the framework's own recipe and cached; see `framework.models.pretrain`).
+(optionally pre-trained by the framework's own recipe and cached; see `memfit.models.pretrain`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from framework.config import check_choice
-from framework.models.tokenizer import TOKENIZERS, bpe_tokenizer, char_tokenizer
+from memfit.config import check_choice
+from memfit.models.tokenizer import TOKENIZERS, bpe_tokenizer, char_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def make_tokenizer(kind: str, vocab_size: int | None = None) -> PreTrainedTokeni
     check_choice("model.tokenizer", kind, TOKENIZERS)
     if kind == "char":
         return char_tokenizer()
-    from framework.data.tasks import TASKS, generate_split
+    from memfit.data.tasks import TASKS, generate_split
 
     corpus = [f"Q: {e['input']}\nA: {e['target']}" for t in TASKS for e in generate_split(t, "train", 300, seed=1234)]
     return bpe_tokenizer(corpus, vocab_size or 512)
@@ -73,7 +73,7 @@ def build_model(cfg: DictConfig, cache_dir: str | Path = ".cache/memfit") -> tup
     if cfg.get("arch") is None:
         raise ValueError("model config needs either `path` (a local HF checkpoint directory) or `arch`")
     if cfg.get("pretrained"):
-        from framework.models.pretrain import ensure_pretrained
+        from memfit.models.pretrain import ensure_pretrained
 
         return load_local(ensure_pretrained(cfg, cache_dir), dtype)
     tok = make_tokenizer(cfg.get("tokenizer", "char"), cfg.get("tokenizer_vocab"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from framework.data.tasks import SUITE_VERSION
+from memfit.data.tasks import SUITE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def ensure_pretrained(cfg: DictConfig, cache_dir: str | Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return target
-        from framework.config import compose
-        from framework.train import run
+        from memfit.config import compose
+        from memfit.train import run
 
         recipe = cfg.get("recipe", "pretrain_tiny")
         log.info("pre-training base %s with experiment=%s (first use; cached afterwards)", target.name, recipe)

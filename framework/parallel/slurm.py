@@ -40,7 +40,7 @@ def on_slurm() -> bool:
 
 
 class SlurmRequeue(L.Callback):
-    """Checkpoint-and-requeue on SIGUSR1/SIGTERM; installed by `framework.train` whenever it runs under SLURM."""
+    """Checkpoint-and-requeue on SIGUSR1/SIGTERM; installed by `memfit.train` whenever it runs under SLURM."""
 
     def __init__(self, requeue: bool = True):
         self.requeue = requeue

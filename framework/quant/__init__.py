@@ -1,7 +1,7 @@
 """Frozen-weight storage formats (dense, NF4, NeuZip) applied from the `storage` config group.
 
 Each format lives in its own module and registers an `apply_*` function here by dotted path, so this file stays a
-thin dispatcher and importing `framework.quant` stays cheap.
+thin dispatcher and importing `memfit.quant` stays cheap.
 """
 
 from __future__ import annotations
@@ -12,20 +12,20 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from framework.config import check_choice
+from memfit.config import check_choice
 
 # storage name -> "module:function" taking (model, cfg) and returning the model with its frozen weights converted
 STORAGES: dict[str, str | None] = {
     "dense": None,
-    "nf4": "framework.quant.nf4_apply:apply_nf4",
-    "neuzip": "framework.quant.neuzip:apply_neuzip",
-    "neuzip_lossy": "framework.quant.neuzip:apply_neuzip",
+    "nf4": "memfit.quant.nf4_apply:apply_nf4",
+    "neuzip": "memfit.quant.neuzip:apply_neuzip",
+    "neuzip_lossy": "memfit.quant.neuzip:apply_neuzip",
 }
 
-# public tensor types, imported lazily: `from framework.quant import NF4Tensor`
+# public tensor types, imported lazily: `from memfit.quant import NF4Tensor`
 _EXPORTS = {
-    "NF4Tensor": "framework.quant.nf4",
-    "NeuZipTensor": "framework.quant.neuzip",
+    "NF4Tensor": "memfit.quant.nf4",
+    "NeuZipTensor": "memfit.quant.neuzip",
 }
 
 
@@ -43,4 +43,4 @@ def apply_storage(model: nn.Module, cfg: DictConfig) -> nn.Module:
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'framework.quant' has no attribute {name!r}")
+    raise AttributeError(f"module 'memfit.quant' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""NeuZipTensor: a frozen weight kept entropy-coded (exponents through kernels.ans, sign+mantissa packed raw).
+"""NeuZipTensor: a frozen weight kept entropy-coded (exponents through memfit.kernels.ans, sign+mantissa packed raw).
 
 Behaves as a tensor of the original shape and dtype: `F.linear` decodes the weight just in time in forward and again
 in backward (only the compressed form is saved for autograd; on CUDA the next layer's weight is decoded on a side
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant import neuzip_codec as codec
-from kernels.ans import ANSEncoded, ans_decode, ans_encode
+from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
+from memfit.quant import neuzip_codec as codec
 
 _MAGIC = b"NZIP"
 _VERSION = 1
@@ -226,7 +226,7 @@ class NeuZipTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and len(args) >= 2 and isinstance(args[1], NeuZipTensor):
-            from framework.quant.neuzip_prefetch import neuzip_linear
+            from memfit.quant.neuzip_prefetch import neuzip_linear
 
             return neuzip_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         with torch._C.DisableTorchFunctionSubclass():
@@ -234,7 +234,7 @@ class NeuZipTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from framework.quant.neuzip_ops import dispatch
+        from memfit.quant.neuzip_ops import dispatch
 
         return dispatch(func, args, kwargs or {})
 
@@ -265,7 +265,7 @@ def decode_store(s: _Store, dtype: torch.dtype, n: int, *, out: torch.Tensor | N
     fmt = codec.float_format(dtype)
     dev = s.packed.device
     if use_triton if use_triton is not None else dev.type == "cuda":
-        from kernels.ans_triton import launch_decode
+        from memfit.kernels.ans_triton import launch_decode
 
         e = s.enc
         bits = out.view(-1).view(fmt.int_dtype) if out is not None else torch.empty(n, dtype=fmt.int_dtype, device=dev)
@@ -335,7 +335,7 @@ def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     min_numel = int(cfg.get("min_numel", 4096))
     spl = lane_length(cfg)
     if cfg.get("train_compressed", False):  # full fine-tuning with the trained Linear weights compressed
-        from framework.quant.neuzip_train import apply_trainable_neuzip
+        from memfit.quant.neuzip_train import apply_trainable_neuzip
 
         apply_trainable_neuzip(model, cfg)
     for name, mod in model.named_modules():

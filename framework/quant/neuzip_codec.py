@@ -1,6 +1,6 @@
 """NeuZip bit-level codec: split floats into an exponent symbol stream and packed sign+mantissa bits, and back.
 
-Pure torch functions (CPU or CUDA), no entropy coding here (that is kernels.ans). Lossless keeps every mantissa bit;
+Pure torch functions (CPU or CUDA), no entropy coding here (that is memfit.kernels.ans). Lossless keeps every mantissa bit;
 lossy mode keeps the top k bits, rounding the magnitude to nearest (ties away from zero) with the carry flowing into
 the exponent, saturating at the largest finite value (a weight never becomes inf); inf stays inf, NaN becomes a quiet
 NaN (k >= 1 is needed to represent it). Optional block normalisation divides each block of `block` weights by the

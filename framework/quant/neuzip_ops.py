@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from framework.quant import neuzip_codec as codec
-from framework.quant.neuzip import NeuZipTensor, _Store
-from kernels.ans import ans_decode, ans_encode
+from memfit.kernels.ans import ans_decode, ans_encode
+from memfit.quant import neuzip_codec as codec
+from memfit.quant.neuzip import NeuZipTensor, _Store
 
 aten = torch.ops.aten
 OPS: dict[Any, Callable[..., Any]] = {}

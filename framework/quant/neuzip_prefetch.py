@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from framework.quant.neuzip import NeuZipTensor, _Store, decode_store
+from memfit.quant.neuzip import NeuZipTensor, _Store, decode_store
 
 # Off by default: on an H200 (experiments/results/neuzip_speed.md, Llama-3-8B MLP block, 4096 tokens) the side-stream
 # decode competes with the matmul for SMs and the block took 1.56x dense with it vs 1.40x without. Set
@@ -116,7 +116,7 @@ def neuzip_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None = 
         x = x.to(torch.get_autocast_dtype(x.device.type))
         bias = None if bias is None else bias.to(x.dtype)
     if w._s.trainer is not None and torch.is_grad_enabled():
-        from framework.quant.neuzip_train import trained_linear
+        from memfit.quant.neuzip_train import trained_linear
 
         return trained_linear(x, w, bias)
     return _NeuZipLinear.apply(x, w, bias)

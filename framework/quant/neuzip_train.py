@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.quant.neuzip import NeuZipTensor, lane_length
+from memfit.quant.neuzip import NeuZipTensor, lane_length
 
 
 class InBackwardOptimizer:

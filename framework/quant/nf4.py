@@ -15,13 +15,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from framework.quant.nf4_double import dequantize_absmax, dynamic_code, quantize_absmax
-from kernels.nf4 import check_block_size, dequantize_nf4, num_blocks, quantize_nf4
-from kernels.nf4_matmul import FUSED_MAX_M, triton
+from memfit.kernels.nf4 import check_block_size, dequantize_nf4, num_blocks, quantize_nf4
+from memfit.kernels.nf4_matmul import FUSED_MAX_M, triton
+from memfit.quant.nf4_double import dequantize_absmax, dynamic_code, quantize_absmax
 
 fused_mm = None
 if triton is not None:
-    from kernels.nf4_matmul import nf4_matmul as fused_mm
+    from memfit.kernels.nf4_matmul import nf4_matmul as fused_mm
 
 aten = torch.ops.aten
 
@@ -130,7 +130,7 @@ class NF4Tensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        from framework.quant.nf4_ops import dispatch
+        from memfit.quant.nf4_ops import dispatch
 
         return dispatch(func, args, kwargs or {})
 

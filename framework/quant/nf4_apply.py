@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.quant.nf4 import NF4Tensor
+from memfit.quant.nf4 import NF4Tensor
 
 
 def _frozen_weight(module: nn.Module) -> torch.Tensor | None:

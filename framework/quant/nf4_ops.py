@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from framework.quant.nf4 import NF4Tensor
-from framework.quant.nf4_double import DQ_BLOCK
-from kernels.nf4 import quantize_nf4
+from memfit.kernels.nf4 import quantize_nf4
+from memfit.quant.nf4 import NF4Tensor
+from memfit.quant.nf4_double import DQ_BLOCK
 
 aten = torch.ops.aten
 OPS: dict[Any, Callable[..., Any]] = {}

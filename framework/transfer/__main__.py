@@ -1,4 +1,4 @@
-"""`python -m framework.transfer [overrides]`: the Trans-LoRA pipeline (conf/transfer.yaml).
+"""`python -m memfit.transfer [overrides]`: the Trans-LoRA pipeline (conf/transfer.yaml).
 
 This is the package's entry module: a sibling `framework/transfer.py` would be shadowed by this package.
 """
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from framework.transfer.pipeline import run
+    from memfit.transfer.pipeline import run
 
     results = run(cfg)
     ev = results.get("evaluate") or {}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from framework.transfer.generate import completion_logprobs
+from memfit.transfer.generate import completion_logprobs
 
 YES, NO = " yes", " no"
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from framework.data.collate import IGNORE_INDEX, format_prompt
-from framework.module import LMModule, first_line
-from framework.transfer.generate import generate_texts
+from memfit.data.collate import IGNORE_INDEX, format_prompt
+from memfit.module import LMModule, first_line
+from memfit.transfer.generate import generate_texts
 
 
 def teacher_rows(teacher: Any, tok: Any, inputs: Sequence[str], task: str, max_new_tokens: int, batch_size: int

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from framework.data.collate import format_prompt
-from framework.module import first_line
-from framework.transfer.generate import generate_texts
-from framework.transfer.mmd import mmd2, pca_2d
+from memfit.data.collate import format_prompt
+from memfit.module import first_line
+from memfit.transfer.generate import generate_texts
+from memfit.transfer.mmd import mmd2, pca_2d
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def task_accuracy(model: Any, tok: Any, examples: Sequence[dict[str, str]], batc
 def mmd_report(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     """MMD^2 of each synthetic set to the real one, all with one bandwidth (median heuristic over every point) so the
     numbers are comparable."""
-    from framework.transfer.mmd import median_bandwidth
+    from memfit.transfer.mmd import median_bandwidth
 
     sigma = median_bandwidth(real, *sets.values())
     return {name: mmd2(real, z, "rbf", sigma) for name, z in sets.items()} | {"sigma": sigma}

@@ -19,8 +19,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import check_choice
-from framework.data.tasks import TASKS, generate_split, resolve_tasks
+from memfit.config import check_choice
+from memfit.data.tasks import TASKS, generate_split, resolve_tasks
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def run_stage(ctx: Context, name: str, fn: Callable[[Context, Path], dict[str, A
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in pipeline order; returns {stage or artefact: metrics}."""
-    from framework.transfer import stages as S
+    from memfit.transfer import stages as S
 
     validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)

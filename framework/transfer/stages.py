@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from framework.config import check_choice
-from framework.data.collate import format_prompt
-from framework.models.build import build_model
-from framework.transfer import discriminate as D
-from framework.transfer.distill import DistillModule, same_vocabulary, teacher_rows
-from framework.transfer.evaluate import markdown_table, mmd_report, plot_embeddings, task_accuracy
-from framework.transfer.pipeline import Context
-from framework.transfer.synthesize import generate_candidates, rejection_sample
-from framework.transfer.training import (
+from memfit.config import check_choice
+from memfit.data.collate import format_prompt
+from memfit.models.build import build_model
+from memfit.transfer import discriminate as D
+from memfit.transfer.distill import DistillModule, same_vocabulary, teacher_rows
+from memfit.transfer.evaluate import markdown_table, mmd_report, plot_embeddings, task_accuracy
+from memfit.transfer.pipeline import Context
+from memfit.transfer.synthesize import generate_candidates, rejection_sample
+from memfit.transfer.training import (
     fit,
     load_adapted,
     load_checkpoint,
@@ -102,8 +102,8 @@ def discriminator(ctx: Context, out: Path) -> dict[str, Any]:
                     budget)
     write_jsonl(out / "negatives.jsonl", [{"input": x} for x in neg])
     (rt, st), (rh, sh) = D.split_heldout(real, neg, float(c.heldout), int(ctx.cfg.seed))
-    from framework.adapters import apply_adapter
-    from framework.quant import apply_storage
+    from memfit.adapters import apply_adapter
+    from memfit.quant import apply_storage
 
     model = apply_storage(apply_adapter(model, ctx.cfg.disc_adapter, storage=ctx.cfg.storage), ctx.cfg.storage)
     metrics = fit(model, tok, D.disc_rows(rt, st, ctx.task), c, ctx.cfg, ctx.logger, "discriminator")
@@ -160,7 +160,7 @@ def distill(ctx: Context, out: Path, variant: str) -> dict[str, Any]:
                   ctx.cfg, ctx.logger, f"distill_{variant}", module_cls=DistillModule, teacher=teacher, kl_weight=kl)
     save_merged(model, tok, out / "model")
     if c.get("export_peft") and ctx.cfg.target_adapter.get("name", "none") != "none":
-        from framework.adapters import export_peft
+        from memfit.adapters import export_peft
 
         export_peft(model, out / "peft")
     _free(teacher, model)
@@ -188,7 +188,7 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
     mmd = None
     syn = ctx.artefact("synthesize")
     if c.mmd and syn.is_dir():
-        from framework.transfer.mmd import SentenceEncoder
+        from memfit.transfer.mmd import SentenceEncoder
 
         enc = SentenceEncoder(c.get("encoder_path"))
         sets = {"filtered": [r["input"] for r in read_jsonl(syn / "filtered.jsonl")],

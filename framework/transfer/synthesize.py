@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from framework.transfer.generate import generate_texts
+from memfit.transfer.generate import generate_texts
 
 log = logging.getLogger(__name__)
 

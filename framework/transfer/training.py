@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from framework.adapters import apply_adapter, merged_copy
-from framework.config import build
-from framework.data.datamodule import PromptCompletionData
-from framework.models.build import build_model, load_local, resolve_dtype
-from framework.module import LMModule
-from framework.quant import apply_storage
+from memfit.adapters import apply_adapter, merged_copy
+from memfit.config import build
+from memfit.data.datamodule import PromptCompletionData
+from memfit.models.build import build_model, load_local, resolve_dtype
+from memfit.module import LMModule
+from memfit.quant import apply_storage
 
 log = logging.getLogger(__name__)
 
