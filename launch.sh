@@ -20,7 +20,8 @@ ensure_env() {
   if [[ -n "${MEMFIT_PYTHON:-}" ]]; then PY="$MEMFIT_PYTHON"; return; fi
   local venv="$ROOT/.venv" stamp
   PY="$venv/bin/python"
-  stamp="$(sha256sum pyproject.toml | cut -c1-16)"
+  # the locked set (constraints.txt: versions known to pass the suite) and the project's ranges decide the install
+  stamp="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
   if [[ -x "$PY" && -f "$venv/.installed" && "$(cat "$venv/.installed")" == "$stamp" ]]; then return; fi
   if [[ ! -x "$PY" ]]; then
     log "creating virtual environment in .venv"
@@ -29,15 +30,14 @@ ensure_env() {
   "$PY" -m pip install -q --upgrade pip >/dev/null
   if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-      log "installing torch (CUDA build)"
-      "$PY" -m pip install -q "torch>=2.5,<2.15"
+      log "installing torch (CUDA build, locked version)"
     else
-      log "installing torch (CPU build)"
-      "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.5,<2.15"
+      log "installing torch (locked version; a CPU build where one is available)"
     fi
+    "$PY" -m pip install -q -c constraints.txt torch
   fi
-  log "installing the project (pip install -e '.[dev]')"
-  "$PY" -m pip install -q -e ".[dev]"
+  log "installing the project with the locked versions (pip install -c constraints.txt -e '.[dev]')"
+  "$PY" -m pip install -q -c constraints.txt -e ".[dev]"
   echo "$stamp" > "$venv/.installed"
 }
 

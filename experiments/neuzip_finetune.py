@@ -67,18 +67,13 @@ def one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
     from memfit.config import compose
 
     probe = Probe()
-    original = train.make_callbacks
-    train.make_callbacks = lambda cfg: original(cfg) + [probe]
-    try:
-        cfg = compose("train", ["experiment=quickstart", *overrides, f"optim={args.optim}", f"optim.lr={args.lr}",
-                                "trainer.gradient_clip_val=null", f"trainer.max_steps={args.steps}",
-                                f"trainer.val_check_interval={args.steps}", "trainer.enable_progress_bar=false", "~callbacks.progress", "~callbacks.lr_monitor",
-                                "trainer.enable_model_summary=false", "logger=none", "eval.before=false",
-                                "print_summary=false", f"paths.cache_dir={CACHE}",
-                                f"paths.output_dir={CACHE / 'neuzip_finetune' / name.replace(' ', '_')}"])
-        res = train.run(cfg)
-    finally:
-        train.make_callbacks = original
+    cfg = compose("train", ["experiment=quickstart", *overrides, f"optim={args.optim}", f"optim.lr={args.lr}",
+                            "trainer.gradient_clip_val=null", f"trainer.max_steps={args.steps}",
+                            f"trainer.val_check_interval={args.steps}", "trainer.enable_progress_bar=false", "~callbacks.progress", "~callbacks.lr_monitor",
+                            "trainer.enable_model_summary=false", "logger=none", "eval.before=false",
+                            "print_summary=false", f"paths.cache_dir={CACHE}",
+                            f"paths.output_dir={CACHE / 'neuzip_finetune' / name.replace(' ', '_')}"])
+    res = train.run(cfg, callbacks=[probe])
     return {"losses": probe.losses, "acc": res["after"]["test/acc"], "test_loss": res["after"]["test/loss"],
             "tokens_per_s": probe.tokens / probe.seconds if probe.seconds else None, "weight_bytes": probe.weight_bytes,
             "dense_bytes": probe.dense_bytes, "state_bytes": probe.state_bytes}

@@ -42,20 +42,15 @@ def one_run(method: str, storage: str, seed: int, args: argparse.Namespace, out_
     from memfit.config import compose
 
     rec = Recorder()
-    original = train.make_callbacks
-    train.make_callbacks = lambda cfg: [*original(cfg), rec]
-    try:
-        cfg = compose("train", [
-            f"adapter={method}", f"storage={storage}", f"seed={seed}", f"adapter.rank={args.rank}",
-            f"adapter.alpha={args.rank}", f"optim.lr={args.lr}", f"trainer.max_steps={args.steps}",
-            f"trainer.val_check_interval={args.steps}", f"data.tasks={args.task}", f"data.n_test={args.n_test}",
-            "data.n_val=16", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
-            "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "eval.before=false", "print_summary=false",
-            "trainer.log_every_n_steps=1", f"paths.output_dir={out_dir}/{method}-{storage}-{seed}", *args.override,
-        ])
-        res = train.run(cfg)
-    finally:
-        train.make_callbacks = original
+    cfg = compose("train", [
+        f"adapter={method}", f"storage={storage}", f"seed={seed}", f"adapter.rank={args.rank}",
+        f"adapter.alpha={args.rank}", f"optim.lr={args.lr}", f"trainer.max_steps={args.steps}",
+        f"trainer.val_check_interval={args.steps}", f"data.tasks={args.task}", f"data.n_test={args.n_test}",
+        "data.n_val=16", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "trainer.accelerator=cpu", "eval.before=false", "print_summary=false",
+        "trainer.log_every_n_steps=1", f"paths.output_dir={out_dir}/{method}-{storage}-{seed}", *args.override,
+    ])
+    res = train.run(cfg, callbacks=[rec])
     return {"loss": rec.loss, "grad": rec.grad, "acc": res["after"]["test/acc"], "test_loss": res["after"]["test/loss"],
             "trainable": res["trainable_params"], "before": (res.get("before") or {}).get("test/acc")}
 

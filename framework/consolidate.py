@@ -52,13 +52,10 @@ def find_config(ckpt: str | Path) -> Path:
 
 def export_hf(cfg: DictConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Rebuild the run's model from `cfg`, load `state` (LightningModule keys), merge adapters, save as HF."""
-    from memfit.adapters import apply_adapter, merged_copy
-    from memfit.models.build import build_model
-    from memfit.quant import apply_storage
+    from memfit.adapters import merged_copy
+    from memfit.assemble import assemble
 
-    cache = Path(cfg.paths.cache_dir).expanduser()
-    model, tokenizer = build_model(cfg.model, cache)
-    model = apply_storage(apply_adapter(model, cfg.adapter, storage=cfg.storage), cfg.storage)
+    model, tokenizer = assemble(cfg)
     weights = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not weights:
         raise ValueError(f"no '{PREFIX}*' keys in the checkpoint state (first keys: {sorted(state)[:5]})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from memfit.adapters import apply_adapter
+from memfit.assemble import assemble
 from memfit.callbacks.monitor import ThroughputMonitor
 from memfit.config import build, check_choice
-from memfit.models.build import build_model
 from memfit.module import LMModule
 from memfit.parallel.slurm import SlurmRequeue, on_slurm
-from memfit.quant import apply_storage
 from memfit.report import print_summary
 
 log = logging.getLogger(__name__)
@@ -81,15 +80,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job from a composed config; returns the final metrics (also used by sweeps)."""
+def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the final metrics (also used by sweeps). `callbacks` are
+    added to the configured ones (experiments attach their probes here)."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
     t_start = time.perf_counter()
-    model, tokenizer = build_model(cfg.model, cache_dir)
-    model = apply_adapter(model, cfg.adapter, storage=cfg.storage)
-    model = apply_storage(model, cfg.storage)
+    model, tokenizer = assemble(cfg)
 
     datamodule = instantiate(cfg.data)
     datamodule.set_tokenizer(tokenizer)
@@ -98,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         generate_batches=cfg.eval.generate_batches, task_names=getattr(datamodule, "tasks", None),
     )
-    callbacks = make_callbacks(cfg)
+    callbacks = [*make_callbacks(cfg), *callbacks]
     if on_slurm() and not any(isinstance(c, SlurmRequeue) for c in callbacks):
         callbacks.append(SlurmRequeue())  # checkpoint + requeue on SIGUSR1/SIGTERM (framework/parallel/slurm.py)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from memfit.assemble import adapt
 from memfit.config import check_choice
 from memfit.data.collate import format_prompt
 from memfit.models.build import build_model
@@ -102,10 +103,7 @@ def discriminator(ctx: Context, out: Path) -> dict[str, Any]:
                     budget)
     write_jsonl(out / "negatives.jsonl", [{"input": x} for x in neg])
     (rt, st), (rh, sh) = D.split_heldout(real, neg, float(c.heldout), int(ctx.cfg.seed))
-    from memfit.adapters import apply_adapter
-    from memfit.quant import apply_storage
-
-    model = apply_storage(apply_adapter(model, ctx.cfg.disc_adapter, storage=ctx.cfg.storage), ctx.cfg.storage)
+    model = adapt(model, ctx.cfg.disc_adapter, ctx.cfg.storage)
     metrics = fit(model, tok, D.disc_rows(rt, st, ctx.task), c, ctx.cfg, ctx.logger, "discriminator")
     yes, no = D.judge(model, tok, rh + sh, ctx.task, int(ctx.cfg.synthesize.batch_size))
     is_real = torch.tensor([1] * len(rh) + [0] * len(sh))

@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from memfit.adapters import apply_adapter, merged_copy
+from memfit.adapters import merged_copy
+from memfit.assemble import assemble_parts
 from memfit.config import build
 from memfit.data.datamodule import PromptCompletionData
-from memfit.models.build import build_model, load_local, resolve_dtype
+from memfit.models.build import load_local, resolve_dtype
 from memfit.module import LMModule
-from memfit.quant import apply_storage
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ class PrefixLogger(Logger):
 
 def load_adapted(model_cfg: DictConfig, adapter_cfg: DictConfig, storage_cfg: DictConfig, cache_dir: Path) -> Any:
     """(model with a fresh adapter, tokenizer) for a base given by a `model` config."""
-    model, tok = build_model(model_cfg, cache_dir)
-    model = apply_adapter(model, adapter_cfg, storage=storage_cfg)
-    return apply_storage(model, storage_cfg), tok
+    return assemble_parts(model_cfg, adapter_cfg, storage_cfg, cache_dir)
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:

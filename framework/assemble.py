@@ -1,0 +1,43 @@
+"""The one assembly path: config -> (model, tokenizer), with the adapter and the weight storage applied.
+
+The app (`memfit.train.run`), the consolidate/evaluate/transfer tools and the experiments all build models here, so a
+composition that trains is the composition that is exported, evaluated or benchmarked. The adapter is applied first
+(it asks the storage config which quantizer the frozen base will use: QPiSSA/LoftQ fit to the NF4 error), then the
+storage replaces the frozen weights by their NF4/NeuZip form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+NONE_ADAPTER = OmegaConf.create({"name": "none"})
+DENSE_STORAGE = OmegaConf.create({"name": "dense"})
+
+
+def adapt(model: nn.Module, adapter_cfg: DictConfig | None = None,
+          storage_cfg: DictConfig | None = None) -> nn.Module:
+    """Apply the adapter, then the weight storage, to a built model (the second half of `assemble_parts`)."""
+    from memfit.adapters import apply_adapter
+    from memfit.quant import apply_storage
+
+    adapter_cfg = NONE_ADAPTER if adapter_cfg is None else adapter_cfg
+    storage_cfg = DENSE_STORAGE if storage_cfg is None else storage_cfg
+    return apply_storage(apply_adapter(model, adapter_cfg, storage=storage_cfg), storage_cfg)
+
+
+def assemble_parts(model_cfg: DictConfig, adapter_cfg: DictConfig | None = None,
+                   storage_cfg: DictConfig | None = None, cache_dir: str | Path = ".cache/memfit") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a `model` config node plus optional `adapter` and `storage` nodes."""
+    from memfit.models.build import build_model
+
+    model, tokenizer = build_model(model_cfg, Path(cache_dir).expanduser().resolve())
+    return adapt(model, adapter_cfg, storage_cfg), tokenizer
+
+
+def assemble(cfg: DictConfig) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a composed run config (its `model`, `adapter`, `storage` and `paths.cache_dir`)."""
+    return assemble_parts(cfg.model, cfg.get("adapter"), cfg.get("storage"), cfg.paths.cache_dir)
