@@ -128,13 +128,20 @@ case "$mode" in
     ensure_env
     exec "$PY" -m "$module" "${args[@]+"${args[@]}"}" ;;
   slurm)
-    if ((dry)); then PY="${MEMFIT_PYTHON:-$ROOT/.venv/bin/python}"; else ensure_env; fi
+    if ((dry)); then  # print the script only: nothing is written or submitted
+      PY="${MEMFIT_PYTHON:-$ROOT/.venv/bin/python}"
+      [[ "$LOGS" = /* ]] || LOGS="$ROOT/$LOGS"
+      log "dry run: the batch script below is not written or submitted"
+      slurm_script "$nodes" "$gpus" "$partition" "$time" "$cpus" "$mem" "$account" "$name" "$tasks" \
+        "${args[@]+"${args[@]}"}"
+      exit 0
+    fi
+    ensure_env
     mkdir -p "$LOGS" && LOGS="$(cd "$LOGS" && pwd)"
     script="${LOGS}/${name}-$(date +%Y%m%d-%H%M%S)-$$.sbatch"
     slurm_script "$nodes" "$gpus" "$partition" "$time" "$cpus" "$mem" "$account" "$name" "$tasks" \
       "${args[@]+"${args[@]}"}" > "$script"
     chmod +x "$script"
-    if ((dry)); then log "wrote $script (dry run, not submitted)"; cat "$script"; exit 0; fi
     command -v sbatch >/dev/null || { echo "launch.sh: sbatch not found (is this a SLURM login node?)" >&2; exit 1; }
     log "submitting $script"
     # held until logs/<name>-<id>/ exists: slurmd does not create the directory of --output itself

@@ -24,7 +24,7 @@ def test_cce_and_torch_loss_curves_agree_for_50_steps(tmp_path, monkeypatch):
     for loss in ("cce", "torch"):
         rec = StepLosses()
         orig = train_mod.make_callbacks
-        monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg, rec=rec, orig=orig: orig(cfg) + [rec])
+        monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg, *a, rec=rec, orig=orig, **k: orig(cfg, *a, **k) + [rec])
         cfg = compose("train", [
             f"loss={loss}", "model.pretrained=false", "trainer.max_steps=50", "eval.before=false", "eval.test=false",
             "logger=none", "callbacks=none", f"paths.output_dir={tmp_path}/{loss}", f"paths.cache_dir={tmp_path}/cache",

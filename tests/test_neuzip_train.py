@@ -143,7 +143,7 @@ def _record(monkeypatch, rec: LossRecorder) -> None:
     import memfit.train as train_mod
 
     orig = train_mod.make_callbacks
-    monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg: orig(cfg) + [rec])
+    monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg, *a, **k: orig(cfg, *a, **k) + [rec])
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -73,22 +74,19 @@ def _resume_cfg(fast_cfg, tmp_path, steps):
     return cfg
 
 
-def test_resume_from_checkpoint_gives_identical_losses(fast_cfg, tmp_path, monkeypatch):
-    """Resume mid-epoch (step 3 of a 5-batch epoch) and across the epoch boundary: same losses as uninterrupted."""
-    import memfit.train as train_mod
-
+def test_resume_from_checkpoint_gives_identical_losses(fast_cfg, tmp_path):
+    """Resume mid-epoch (step 3 of a 5-batch epoch) and across the epoch boundary: same losses as uninterrupted, and
+    Lightning sees a resumable loader (no 'dataloader is not resumable' warning)."""
     rec_full, rec_resumed = LossRecorder(), LossRecorder()
-    made = []
-    orig = train_mod.make_callbacks
-    monkeypatch.setattr(train_mod, "make_callbacks", lambda cfg: orig(cfg) + [made[-1]])
-    made.append(rec_full)
-    run(_resume_cfg(fast_cfg, tmp_path, 8))
+    run(_resume_cfg(fast_cfg, tmp_path, 8), callbacks=[rec_full])
     ckpt = tmp_path / "run" / "checkpoints" / "step000003.ckpt"
     assert ckpt.is_file()
-    made.append(rec_resumed)
     cfg = _resume_cfg(fast_cfg, tmp_path / "second", 8)
     cfg.ckpt_path = str(ckpt)
-    run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(cfg, callbacks=[rec_resumed])
+    assert not [w for w in caught if "resumable" in str(w.message) or "different training data" in str(w.message)]
     assert sorted(rec_resumed.losses) == [4, 5, 6, 7, 8]
     for step in rec_resumed.losses:
         assert rec_resumed.losses[step] == rec_full.losses[step], step

@@ -97,6 +97,11 @@ def test_end_to_end_produces_every_artefact(done_run):
     assert list(ev["accuracy"]) == names
     preds = read_jsonl(run_dir / "evaluate" / "predictions_source_plus_LoRA.jsonl")
     assert len(preds) == 16
+    written = sorted(p.name for p in (run_dir / "evaluate").glob("predictions_*.jsonl"))
+    assert written == ["predictions_source.jsonl", "predictions_source_plus_LoRA.jsonl", "predictions_target.jsonl",
+                       "predictions_target_plus_transferred_filtered.jsonl",
+                       "predictions_target_plus_transferred_seeds.jsonl",
+                       "predictions_target_plus_transferred_unfiltered.jsonl"]
     assert ev["accuracy"]["source + LoRA"] == pytest.approx(sum(p["prediction"] == p["target"] for p in preds) / 16)
     assert set(ev["mmd2"]) == {"filtered", "unfiltered", "sigma", "n"} and ev["mmd2"]["sigma"] > 0
     assert (run_dir / "evaluate" / "embeddings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -66,7 +66,9 @@ def _gather(trainer: L.Trainer, values: list[float], device: torch.device) -> to
 
 class ThroughputMonitor(L.Callback):
     """Logs perf/tokens_per_s (all ranks), perf/peak_mem_gib (max over ranks) and perf/peak_mem_gib/rank{i},
-    perf/mfu when the device's peak FLOP/s is known (or given)."""
+    perf/mfu when the device's peak FLOP/s is known (or given), every `log_every_n_steps` steps; `summary` holds the
+    whole run's figures after training, also for runs shorter than the logging interval or the warm-up (then the
+    warm-up steps are counted rather than reporting nothing)."""
 
     def __init__(self, log_every_n_steps: int = 10, warmup_steps: int = 2, peak_flops: float | None = None):
         if log_every_n_steps < 1:
@@ -75,6 +77,7 @@ class ThroughputMonitor(L.Callback):
         self.tokens = 0
         self.flops = 0.0
         self.seconds = 0.0
+        self.warm = [0, 0.0, 0.0]  # tokens, flops, seconds of the warm-up steps (used only when nothing came after)
         self._t0 = 0.0
         self._flops_per_token: dict[int, float] = {}
         self.summary: dict[str, float] = {}
@@ -89,13 +92,14 @@ class ThroughputMonitor(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         dt = time.perf_counter() - self._t0
-        if trainer.global_step <= self.warmup:
-            return
         ids = batch["input_ids"]
         n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
         seq = ids.shape[-1]
         if seq not in self._flops_per_token:
             self._flops_per_token[seq] = model_flops_per_token(getattr(pl_module, "model", pl_module), seq)
+        if trainer.global_step <= self.warmup:
+            self.warm = [self.warm[0] + n, self.warm[1] + n * self._flops_per_token[seq], self.warm[2] + dt]
+            return
         self.tokens += n
         self.flops += n * self._flops_per_token[seq]
         self.seconds += dt
@@ -104,9 +108,12 @@ class ThroughputMonitor(L.Callback):
             pl_module.log_dict({f"perf/{k}": v for k, v in self.summary.items()}, on_step=True, on_epoch=False,
                                rank_zero_only=True)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary = self.compute(trainer, pl_module)
+
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        rows = _gather(trainer, [self.tokens, self.flops, self.seconds, peak_memory_gib(pl_module.device)],
-                       pl_module.device).cpu()
+        counts = [self.tokens, self.flops, self.seconds] if self.tokens else self.warm
+        rows = _gather(trainer, [*counts, peak_memory_gib(pl_module.device)], pl_module.device).cpu()
         seconds = float(rows[:, 2].max()) or 1e-9  # ranks run in lock-step; the slowest one sets the pace
         out = {"tokens_per_s": float(rows[:, 0].sum()) / seconds, "peak_mem_gib": float(rows[:, 3].max())}
         if len(rows) > 1:

@@ -8,6 +8,7 @@ recomputed from (seed, epoch) and the batches already consumed are skipped, whic
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -70,3 +71,21 @@ class ResumableLoader(DataLoader):
 
     def skip(self, batches: int) -> None:
         self.epoch_sampler.skip_batches = batches
+
+    def identity(self) -> dict[str, int | bool]:
+        """What fixes the batch order: a resume with other values would not continue the interrupted run's data."""
+        s = self.epoch_sampler
+        return {"n": s.n, "shuffle": s.shuffle, "seed": s.seed, "batch_size": s.batch_size, "drop_last": s.drop_last}
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """Stored in Lightning checkpoints. The position itself is recomputed from Lightning's loop counters (the
+        data module calls `skip`), so only the order's identity is kept, to detect a resume on different data."""
+        return self.identity()
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        mine = self.identity()
+        changed = {k: (state[k], mine[k]) for k in mine if k in state and state[k] != mine[k]}
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            warnings.warn(f"resuming on different training data ({what}): the batches after the resume point are not "
+                          "the ones the interrupted run would have seen", stacklevel=2)

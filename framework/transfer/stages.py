@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ def synthesize_with(model: Any, tok: Any, ctx: Context, n: int, judge: Any, excl
 
     max_candidates = max_candidates or (int(c.max_candidates) if c.get("max_candidates") else int(c.budget_factor) * n)
     return rejection_sample(round_, judge, n, int(c.round_size), max_candidates, exclude, allow_partial)
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model label: 'source + LoRA' -> 'source_plus_LoRA'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("+", "plus")).strip("_")
 
 
 # ------------------------------------------------------------------------------------------------------ 1 source
@@ -180,7 +186,7 @@ def evaluate(ctx: Context, out: Path) -> dict[str, Any]:
         model, tok = load()
         model.to(ctx.device)
         acc[name], preds = task_accuracy(model, tok, ctx.test, bs, desc=f"eval {name}")
-        write_jsonl(out / f"predictions_{name.replace(' ', '_').replace('+', 'plus').strip('()')}.jsonl", preds)
+        write_jsonl(out / f"predictions_{slug(name)}.jsonl", preds)
         log.info("[evaluate] %s: %.3f", name, acc[name])
         _free(model)
     mmd = None
