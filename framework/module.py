@@ -164,7 +164,10 @@ class LMModule(L.LightningModule):
         """trainer=fsdp: the strategy shards the model once the process group exists (idempotent: fit after test)."""
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None and self.__dict__.get("_fsdp_root") is None:
-            self.__dict__["_fsdp_root"] = shard(self.model)  # kept out of the module tree: no duplicate state keys
+            # a before-training test() calls this hook under inference mode: sharded parameters made there would be
+            # inference tensors, unusable for the training that follows
+            with torch.inference_mode(False):
+                self.__dict__["_fsdp_root"] = shard(self.model)  # kept out of the module tree: no duplicate keys
 
     # ---------------------------------------------------------------------------------------------- optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:

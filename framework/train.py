@@ -7,9 +7,10 @@ tests, saves, and prints a before/after table.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from memfit.assemble import assemble
+from memfit.callbacks.guard import FiniteLossGuard
 from memfit.callbacks.monitor import ThroughputMonitor
 from memfit.config import build, check_choice
 from memfit.module import LMModule
@@ -39,6 +42,51 @@ TYPED_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+# numeric fields checked at start: (key, test, what the value must be); absent or null fields are skipped
+NUMERIC_FIELDS: list[tuple[str, Callable[[float], bool], str]] = [
+    ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("optim.lr", _positive, "a finite number > 0"),
+    ("optim.weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("trainer.max_steps", lambda v: v >= 1 or v == -1, "a positive integer (or -1: bounded by max_epochs)"),
+    ("trainer.accumulate_grad_batches", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.log_every_n_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.val_check_interval", lambda v: v >= 1 if isinstance(v, int) else 0 < v <= 1,
+     "a step count >= 1 or a fraction of an epoch in (0, 1]"),
+    ("trainer.gradient_clip_val", _positive, "a finite number > 0, or null for no clipping"),
+    ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, "an integer >= 1 (or null: data.batch_size)"),
+    ("data.max_length", lambda v: v >= 2, "an integer >= 2 (tokens per example)"),
+    ("data.n_train", lambda v: v >= 1, "an integer >= 1"),
+    ("data.n_val", lambda v: v >= 0, "an integer >= 0"),
+    ("data.n_test", lambda v: v >= 0, "an integer >= 0"),
+]
+ADAPTER_FIELDS: list[tuple[str, Callable[[float], bool], str]] = [
+    ("adapter.rank", lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    ("adapter.alpha", _positive, "a finite number > 0"),
+    ("adapter.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adapter.iters", lambda v: v >= 1, "an integer >= 1"),
+]
+
+
+def validate_numbers(cfg: DictConfig) -> None:
+    """Range checks that name the field, before anything is built or scored (torch would otherwise reject a negative
+    learning rate only after the before-evaluation, without naming `optim.lr`)."""
+    fields = NUMERIC_FIELDS + (ADAPTER_FIELDS if cfg.get("adapter") and cfg.adapter.get("name") != "none" else [])
+    for key, ok, must in fields:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{key}={value!r} has the wrong type: it must be {must}")
+        if not ok(value):
+            raise ValueError(f"{key}={value!r} is out of range: it must be {must}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast with messages that name the offending field."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -49,14 +97,25 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, typ)):
             names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise TypeError(f"{key}={value!r} has the wrong type: expected {names}")
+    validate_numbers(cfg)
     if OmegaConf.select(cfg, "storage.train_compressed", default=False):
         if cfg.adapter.get("name") != "none":
             raise ValueError("storage.train_compressed=true is full fine-tuning with compressed weights: it needs "
                              f"adapter=none, got adapter={cfg.adapter.get('name')}")
+        if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+            raise ValueError("storage.train_compressed=true is not supported with trainer=fsdp (each rank would update "
+                             "a compressed shard inside backward); use trainer=gpu (one device) or trainer=ddp")
         if int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) != 1 or cfg.trainer.get("gradient_clip_val"):
             raise ValueError("storage.train_compressed=true updates each weight inside backward: it cannot "
                              "accumulate gradients (trainer.accumulate_grad_batches=1) or clip them "
                              "(trainer.gradient_clip_val=null)")
+    if cfg.get("save_adapter"):
+        if cfg.adapter.get("name", "none") == "none":
+            raise ValueError("save_adapter=DIR exports a trained adapter in peft format: it needs adapter=lora|pissa|"
+                             "loftq (for a full fine-tune use save_model=DIR)")
+        if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+            raise ValueError("save_adapter=DIR is not supported with trainer=fsdp: every FSDP run writes its adapter "
+                             "tensors to RUN/trainable.safetensors; `python -m memfit.consolidate` exports the model")
     check_choice("trainer.precision", str(cfg.trainer.get("precision", "32-true")),
                  ["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
 
@@ -67,8 +126,32 @@ def make_logger(cfg: DictConfig) -> Any:
     return instantiate(cfg.logger)
 
 
-def make_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+def make_callbacks(cfg: DictConfig, extra: Sequence[L.Callback] = (), has_logger: bool = True) -> list[L.Callback]:
+    """The configured callbacks plus `extra`, the finite-loss guard, and SLURM's checkpoint-and-requeue when under
+    SLURM. Without a logger (`logger=none`) the learning-rate monitor is left out: it can only log to a logger."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if not has_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks += list(extra)
+    if not any(isinstance(c, FiniteLossGuard) for c in callbacks):
+        callbacks.append(FiniteLossGuard(int(cfg.trainer.get("log_every_n_steps") or 1)))
+    if on_slurm() and not any(isinstance(c, SlurmRequeue) for c in callbacks):
+        callbacks.append(SlurmRequeue())  # checkpoint + requeue on SIGUSR1/SIGTERM (framework/parallel/slurm.py)
+    return callbacks
+
+
+def fp32_master_weights(model: torch.nn.Module, precision: str) -> int:
+    """Trainable parameters of a bf16/fp16 checkpoint become fp32 (the optimizer's master weights; mixed precision
+    computes in the low dtype), unless the run asked for pure low-precision training ("bf16-true", "16-true").
+    Frozen weights keep their dtype. Returns how many parameters were cast."""
+    if precision.endswith("-true") and not precision.startswith(("32", "64")):
+        return 0
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            cast += 1
+    return cast
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -87,6 +170,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]
     L.seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
     model, tokenizer = assemble(cfg)
+    fp32_master_weights(model, str(cfg.trainer.get("precision", "32-true")))
 
     datamodule = instantiate(cfg.data)
     datamodule.set_tokenizer(tokenizer)
@@ -95,10 +179,9 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         generate_batches=cfg.eval.generate_batches, task_names=getattr(datamodule, "tasks", None),
     )
-    callbacks = [*make_callbacks(cfg), *callbacks]
-    if on_slurm() and not any(isinstance(c, SlurmRequeue) for c in callbacks):
-        callbacks.append(SlurmRequeue())  # checkpoint + requeue on SIGUSR1/SIGTERM (framework/parallel/slurm.py)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=make_logger(cfg))
+    logger = make_logger(cfg)
+    callbacks = make_callbacks(cfg, callbacks, has_logger=bool(logger))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     results: dict[str, Any] = {"config": cfg}
     trainable, total = count_parameters(model)
@@ -117,6 +200,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]
         results["after"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     monitor = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
     results["perf"] = dict(monitor.summary) if monitor else {}
+    results["callbacks"] = callbacks
+    results["module"] = module  # for tests and experiments (a sweep's return value is the metric in `main`)
     results["seconds"] = time.perf_counter() - t_start
     sharded = getattr(trainer.strategy, "shard", None) is not None
     if sharded:  # FSDP2: trainable (adapter) tensors gathered to full tensors, written by rank 0
@@ -132,14 +217,33 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]
         merged_copy(module.model).save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
         log.info("saved model to %s", save_dir)
+    if cfg.get("save_adapter") and trainer.is_global_zero:
+        from memfit.adapters import export_peft
+
+        results["adapter_dir"] = str(export_peft(module.model, Path(cfg.save_adapter), base_model=cfg.model.get("path")))
+        log.info("saved the adapter in peft format to %s", cfg.save_adapter)
     if trainer.is_global_zero and cfg.get("print_summary", True):
         print_summary(results)
     return results
 
 
+def route_library_logs() -> None:
+    """Send Lightning's log records through the root logger that Hydra configured (console + the run's train.log).
+    Lightning gives its loggers their own console handler when imported before logging is set up, which kept every
+    one of its lines out of train.log."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(h)
+        lg.propagate = True
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    route_library_logs()
     results = run(cfg)
     after = results.get("after") or {}
     return after.get("test/loss", results.get("train_loss"))  # the value a sweeper would optimise

@@ -116,12 +116,40 @@ def shard_model(model: nn.Module, mesh: Any = None, *, param_dtype: str | None =
     if shard_linears:
         for module in model.modules():
             if id(module) not in direct and is_trainable_linear(module):
+                base = getattr(module, "base_layer", None)
+                if isinstance(base, nn.Module) and any(True for _ in base.parameters()):
+                    # the frozen base in a unit of its own: FSDP2 needs one dtype per unit, and a bf16 base with fp32
+                    # adapter factors (the normal fine-tuning case) would otherwise share the adapter layer's unit
+                    fully_shard(base, reshard_after_forward=reshard_after_forward, **kw)
                 fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
+    for block in blocks:
+        _check_uniform_dtype(block, ignored)
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     root = ShardedRoot(model)
     fully_shard(root, reshard_after_forward=reshard_after_forward, **kw)
     return root
+
+
+def _check_uniform_dtype(block: nn.Module, ignored: set[nn.Parameter]) -> None:
+    """FSDP2 flattens a unit's parameters into one buffer, so they must share a dtype. Say which parameters differ
+    (and how to fix it) instead of FSDP2's bare assertion."""
+    from torch.distributed.fsdp import FSDPModule
+
+    seen: set[int] = set()
+    for sub in block.modules():
+        if sub is not block and isinstance(sub, FSDPModule):
+            seen.update(id(p) for p in sub.parameters())
+    left = {n: p.dtype for n, p in block.named_parameters() if id(p) not in seen and p not in ignored}
+    if len(set(left.values())) > 1:
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for n, d in left.items():
+            by_dtype.setdefault(d, []).append(n)
+        desc = "; ".join(f"{d}: {', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''}" for d, ns in by_dtype.items())
+        raise ValueError(f"FSDP2: the parameters of one {type(block).__name__} unit have different dtypes ({desc}). "
+                         "Adapter layers get units of their own (trainer.strategy.shard_linears=true); for other "
+                         "trainable parameters use one dtype, e.g. model.dtype=float32 with "
+                         "trainer.strategy.param_dtype=bfloat16 for bf16 compute")
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:

@@ -173,6 +173,32 @@ class NeuZipTensor(torch.Tensor):
     def _to(self, device: torch.device | str) -> NeuZipTensor:
         return NeuZipTensor._wrap(self._s.moved(device), self.shape, self.dtype)
 
+    # ---- traceable-subclass protocol: nn.Module._apply (`model.to(device)`, as Lightning moves a model) and FSDP2's
+    # device move swap a traceable subclass with `torch.utils.swap_tensors`; any other subclass gets
+    # `param.data = moved`, which changes the tensor's device metadata but keeps this object's store where it was
+    # (the CUDA run then decoded a CPU weight: "mat2 is on cpu").
+    _enc_words = property(lambda self: self._s.enc.words)
+    _enc_lane_offsets = property(lambda self: self._s.enc.lane_offsets)
+    _enc_final_states = property(lambda self: self._s.enc.final_states)
+    _enc_freqs = property(lambda self: self._s.enc.freqs)
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
+        s, e = self._s, self._s.enc
+        names = ["_enc_words", "_enc_lane_offsets", "_enc_final_states", "_enc_freqs", "packed"]
+        if s.scales is not None:
+            names.append("scales")
+        return names, (self.dtype, e.n, e.lanes, e.prob_bits, s.mantissa_bits, s.block, s.fsdp_pad_to, s.spl,
+                       s.trainer, s.name)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: tuple[Any, ...], outer_size: torch.Size,
+                             outer_stride: Any) -> NeuZipTensor:
+        dtype, n, lanes, prob_bits, k, block, pad, spl, trainer, name = ctx
+        enc = ANSEncoded(inner["_enc_words"], inner["_enc_lane_offsets"], inner["_enc_final_states"],
+                         inner["_enc_freqs"], n, lanes, prob_bits)
+        store = _Store(enc, inner["packed"], inner.get("scales"), k, block, pad, spl, trainer=trainer, name=name)
+        return NeuZipTensor._wrap(store, torch.Size(outer_size), dtype)
+
     # ---- FSDP2 all-gather extension ------------------------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh: Any, outer_size: Any = None, outer_stride: Any = None, module: Any = None,
                             mp_policy: Any = None) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:

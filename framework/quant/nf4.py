@@ -10,6 +10,7 @@ and FSDP2 sharding (dim-0 shards of the packed data, see `nf4_ops`) are supporte
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,6 +120,12 @@ class NF4Tensor(torch.Tensor):
         scales = (inner["absmax"],) if offset is None else (inner["qabsmax"], inner["absmax2"])
         return NF4Tensor(inner["packed"], scales, outer_size, dtype, block_size, offset)
 
+    def __reduce_ex__(self, proto: int) -> tuple[Any, ...]:
+        """Pickle (torch.save, Lightning checkpoints) as plain inner tensors: torch's generic wrapper-subclass rebuild
+        refuses the callable `map_location` that Lightning's checkpoint loading passes."""
+        return (_rebuild_nf4, (self.inner_tensors(), tuple(self.shape), str(self.dtype).removeprefix("torch."),
+                               self.block_size, self.offset))
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -224,3 +231,24 @@ def nf4_num_blocks(numel: int, block_size: int) -> int:
 
 
 torch.serialization.add_safe_globals([NF4Tensor])
+
+
+def _rebuild_nf4(inner: tuple[torch.Tensor, ...], shape: tuple[int, ...], dtype: str, block_size: int,
+                 offset: float | None) -> NF4Tensor:
+    """Inverse of NF4Tensor.__reduce_ex__, with the checks a file read needs (the inner tensors come from disk)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"NF4 checkpoint entry: unsupported dtype {dtype!r}")
+    check_block_size(block_size)
+    n = math.prod(shape)
+    if len(inner) not in (2, 3) or (len(inner) == 3) != (offset is not None):
+        raise ValueError("NF4 checkpoint entry: wrong number of inner tensors")
+    packed, *scales = inner
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"NF4 checkpoint entry: {packed.numel()} packed bytes for {n} weights")
+    if scales[0].numel() != -(-n // block_size):
+        raise ValueError(f"NF4 checkpoint entry: {scales[0].numel()} block scales for {n} weights")
+    return NF4Tensor(packed, tuple(scales), torch.Size(shape), getattr(torch, dtype), block_size, offset)
+
+
+# Lightning loads checkpoints with weights_only=True: allow the rebuild (it checks every size it is given)
+torch.serialization.add_safe_globals([_rebuild_nf4])
