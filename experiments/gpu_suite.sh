@@ -14,12 +14,7 @@ STAGES=${STAGES:-"nf4 cce fmdelta neuzip anslayout headline nzmem tests"}
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-wheels=(.whl/*.whl)
-for d in .whl-bnb .whl-peers; do [[ -d $d ]] && wheels+=("$d"/*.whl); done
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" \
-  && export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi -L
-python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+source experiments/device_env.sh
 cap() { local t=$1; shift; timeout -s KILL "$t" "$@"; }
 if want nf4; then
   stamp "nf4_vs_bnb"
