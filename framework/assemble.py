@@ -30,14 +30,20 @@ def adapt(model: nn.Module, adapter_cfg: DictConfig | None = None,
 
 
 def assemble_parts(model_cfg: DictConfig, adapter_cfg: DictConfig | None = None,
-                   storage_cfg: DictConfig | None = None, cache_dir: str | Path = ".cache/memfit") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a `model` config node plus optional `adapter` and `storage` nodes."""
+                   storage_cfg: DictConfig | None = None, cache_dir: str | Path = ".cache/memfit",
+                   seq_len: int | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a `model` config node plus optional `adapter` and `storage` nodes; `seq_len` (the
+    data's max_length) decides `model.activation_checkpointing: auto`."""
+    from memfit.models import checkpointing
     from memfit.models.build import build_model
 
     model, tokenizer = build_model(model_cfg, Path(cache_dir).expanduser().resolve())
+    if checkpointing.wanted(model_cfg.get("activation_checkpointing", False), seq_len):
+        checkpointing.enable(model)
     return adapt(model, adapter_cfg, storage_cfg), tokenizer
 
 
 def assemble(cfg: DictConfig) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a composed run config (its `model`, `adapter`, `storage` and `paths.cache_dir`)."""
-    return assemble_parts(cfg.model, cfg.get("adapter"), cfg.get("storage"), cfg.paths.cache_dir)
+    seq_len = OmegaConf.select(cfg, "data.max_length", default=None)
+    return assemble_parts(cfg.model, cfg.get("adapter"), cfg.get("storage"), cfg.paths.cache_dir, seq_len)

@@ -94,15 +94,10 @@ def shard_model(model: nn.Module, mesh: Any = None, *, param_dtype: str | None =
 
     mp = MixedPrecisionPolicy(param_dtype=_dtype("strategy.param_dtype", param_dtype),
                               reduce_dtype=_dtype("strategy.reduce_dtype", reduce_dtype))
-    if activation_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"activation_checkpointing=true but {type(model).__name__} does not support gradient "
-                             "checkpointing (an HF PreTrainedModel with supports_gradient_checkpointing is needed)")
-        kwargs = {"use_reentrant": False}  # non-reentrant checkpointing composes with FSDP2's hooks
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if activation_checkpointing:  # the app sets model.activation_checkpointing instead (memfit.assemble)
+        from memfit.models import checkpointing
+
+        checkpointing.enable(model)
     ignored = unshardable_params(model)
     if ignored:
         log.warning("FSDP2: %d frozen tensor-subclass parameter(s) lack FSDP2 all-gather hooks; kept replicated",
