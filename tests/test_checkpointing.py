@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from app_matrix import MODEL, Losses
+
 from memfit.models.checkpointing import AUTO_MIN_TOKENS, wanted
 
 
