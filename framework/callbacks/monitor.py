@@ -81,6 +81,14 @@ class ThroughputMonitor(L.Callback):
         self._t0 = 0.0
         self._flops_per_token: dict[int, float] = {}
         self.summary: dict[str, float] = {}
+        self.model_mem_gib: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Peak memory counts from here: a before-training evaluation or a previous run in the process is not
+        training's memory."""
+        if pl_module.device.type == "cuda":
+            self.model_mem_gib = torch.cuda.memory_allocated(pl_module.device) / 2**30  # weights + adapters
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if pl_module.device.type == "cuda":
@@ -116,6 +124,8 @@ class ThroughputMonitor(L.Callback):
         rows = _gather(trainer, [*counts, peak_memory_gib(pl_module.device)], pl_module.device).cpu()
         seconds = float(rows[:, 2].max()) or 1e-9  # ranks run in lock-step; the slowest one sets the pace
         out = {"tokens_per_s": float(rows[:, 0].sum()) / seconds, "peak_mem_gib": float(rows[:, 3].max())}
+        if self.model_mem_gib is not None:
+            out["model_mem_gib"] = self.model_mem_gib  # this rank's
         if len(rows) > 1:
             out.update({f"peak_mem_gib/rank{i}": float(v) for i, v in enumerate(rows[:, 3])})
         peak = self.peak_flops or device_peak_flops(pl_module.device)
