@@ -102,3 +102,11 @@ def test_no_bare_kernels_or_framework_imports():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("kernels", "framework")]
     assert not bad, bad
+
+
+def test_old_module_spelling_still_runs_from_the_root():
+    """`python -m framework.train` (the spelling before the `memfit` namespace) runs the same app from a checkout."""
+    out = subprocess.run([sys.executable, "-m", "framework.train", "--cfg", "job", "adapter=lora"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "_target_: memfit.data.datamodule.TaskSuiteData" in out.stdout and "name: lora" in out.stdout
