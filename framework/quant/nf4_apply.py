@@ -48,6 +48,15 @@ def apply_nf4(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
             continue
         w = mod.weight
         if id(w) not in converted:
-            converted[id(w)] = nn.Parameter(NF4Tensor.from_dense(w.data, block_size, double_quant), requires_grad=False)
+            converted[id(w)] = nn.Parameter(quantize_where_fast(w.data, block_size, double_quant), requires_grad=False)
         mod.weight = converted[id(w)]
     return model
+
+
+def quantize_where_fast(w: torch.Tensor, block_size: int, double_quant: bool) -> NF4Tensor:
+    """NF4 of `w`, computed on the GPU when the weight sits on the CPU and a GPU is present (one weight at a time, the
+    codes brought back where the weight was): an 8B model's weights quantize in seconds there instead of minutes on
+    the CPU, with the same bytes (the quantization is elementwise given each block's absmax)."""
+    if w.device.type != "cpu" or not torch.cuda.is_available():
+        return NF4Tensor.from_dense(w, block_size, double_quant)
+    return NF4Tensor.from_dense(w.to("cuda"), block_size, double_quant).to(w.device)
