@@ -15,3 +15,18 @@ CASES = [(n, t, d) for t in ("gpu", "fsdp") for d in ("float32", "bfloat16") for
 @pytest.mark.parametrize("name,trainer,dtype", CASES, ids=[f"{t}-{d}-{n}" for n, t, d in CASES])
 def test_composition_on_gpu(name, trainer, dtype, tmp_path):
     run_case(name, trainer, dtype, tmp_path, resume_tol=5e-3)
+
+
+def test_nf4_quantized_on_gpu_equals_cpu():
+    """storage=nf4 quantizes CPU-held weights on the GPU: the codes and scales must be the CPU reference's bytes."""
+    from memfit.quant.nf4 import NF4Tensor
+    from memfit.quant.nf4_apply import quantize_where_fast
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = (torch.randn(256, 192, generator=g) * torch.logspace(-3, 2, 192)).to(dtype)
+        for dq in (False, True):
+            fast, ref = quantize_where_fast(w, 64, dq), NF4Tensor.from_dense(w, 64, dq)
+            assert fast.device.type == "cpu"
+            for a, b in zip(fast.inner_tensors(), ref.inner_tensors()):
+                assert torch.equal(a, b), (dtype, dq)
