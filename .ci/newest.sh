@@ -22,7 +22,7 @@ fi
 # torch stays at the build just installed (the newest CUDA wheels are several GB); everything else goes to its newest
 echo "torch==$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')" > "$venv/keep-torch.txt"
 if ! "$py" -m pip install -q --upgrade --upgrade-strategy eager -c "$venv/keep-torch.txt" -e ".[dev]" \
-    2>"$venv/install.err"; then
+    >"$venv/install.log" 2>"$venv/install.err"; then
   say "UPSTREAM: the newest releases do not install together:"; tail -5 "$venv/install.err"; exit 0
 fi
 say "versions: $("$py" -m pip freeze 2>/dev/null | grep -iE '^(torch|triton|transformers|kernels|lightning|hydra-core|omegaconf|datasets|wandb|peft|huggingface.hub|tokenizers|safetensors|numpy)==' | tr '\n' ' ')"
