@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-PREFIX = "model."  # LMModule keeps the HF model as `self.model`
+from memfit.export import export_hf
 
 
 def load_full_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
@@ -48,26 +48,6 @@ def find_config(ckpt: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"no .hydra/config.yaml above {ckpt}; pass --config RUN_DIR/.hydra/config.yaml")
-
-
-def export_hf(cfg: DictConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    """Rebuild the run's model from `cfg`, load `state` (LightningModule keys), merge adapters, save as HF."""
-    from memfit.adapters import merged_copy
-    from memfit.assemble import assemble
-
-    model, tokenizer = assemble(cfg)
-    weights = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
-    if not weights:
-        raise ValueError(f"no '{PREFIX}*' keys in the checkpoint state (first keys: {sorted(state)[:5]})")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the config's model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    out = Path(out_dir)
-    merged_copy(model).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:

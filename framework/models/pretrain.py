@@ -2,6 +2,8 @@
 
 A fresh machine has no pre-trained checkpoint and cannot download one, so `model=tiny` (with `pretrained: true`)
 trains its base on the generated task suite (`experiment=<recipe>`) once, saves it as an HF directory and reuses it.
+The recipe runs as its own app process (`python -m memfit.train` on the composed recipe, written to the base's run
+directory): building a model never imports the training app, and the pre-training run keeps its own log and state.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,7 +48,6 @@ def ensure_pretrained(cfg: DictConfig, cache_dir: str | Path) -> Path:
         if (target / "config.json").is_file():
             return target
         from memfit.config import compose
-        from memfit.train import run
 
         recipe = cfg.get("recipe", "pretrain_tiny")
         log.info("pre-training base %s with experiment=%s (first use; cached afterwards)", target.name, recipe)
@@ -56,7 +59,14 @@ def ensure_pretrained(cfg: DictConfig, cache_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         pcfg.save_model = str(tmp)
         pcfg.paths.cache_dir = str(Path(cache_dir).expanduser().resolve())
-        pcfg.paths.output_dir = str(root / f"{target.name}.run")
-        run(pcfg)
+        run_dir = root / f"{target.name}.run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pcfg.paths.output_dir = str(run_dir)
+        (run_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(pcfg))
+        cmd = [sys.executable, "-m", "memfit.train", "--config-path", str(run_dir), "--config-name", "recipe",
+               f"hydra.run.dir={run_dir}"]
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f"pre-training the base {target.name} failed: see {run_dir / 'train.log'} "
+                               f"(command: {' '.join(cmd)})")
         tmp.rename(target)
     return target

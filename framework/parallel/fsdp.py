@@ -187,7 +187,7 @@ def save_sharded_model(module: nn.Module, cfg: Any, out_dir: Path) -> None:
     """`save_model=DIR` under FSDP2: gather the full state (collective, CPU), rank 0 writes a plain HF directory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from memfit.consolidate import export_hf
+    from memfit.export import export_hf
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -10,69 +10,19 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from memfit.config import check_choice
 from memfit.data.tasks import TASKS, generate_split, resolve_tasks
+from memfit.transfer import stages as S
+from memfit.transfer.context import STAGES, VARIANTS, Context
 
 log = logging.getLogger(__name__)
-
-STAGES = ("source_lora", "discriminator", "synthesize", "distill", "evaluate")
-VARIANTS = ("filtered", "unfiltered", "seeds")
-
-
-@dataclass
-class Context:
-    """What every stage sees: the config, the run directory, the task data and the run's logger."""
-
-    cfg: DictConfig
-    run_dir: Path
-    train: list[dict[str, str]]
-    test: list[dict[str, str]]
-    seeds: list[str]
-    logger: Any = None
-    results: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def task(self) -> str:
-        return str(self.cfg.task)
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.cfg.paths.cache_dir).expanduser().resolve()
-
-    @property
-    def device(self) -> torch.device:
-        """Where generation and scoring run: the GPU when the trainer may use one and there is one."""
-        acc = str(self.cfg.trainer.get("accelerator", "auto"))
-        return torch.device("cuda" if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu")
-
-    def artefact(self, name: str) -> Path:
-        return self.run_dir / name
-
-    def require(self, name: str, stage: str) -> Path:
-        """An earlier stage's artefact, or a clear error naming the stage that makes it."""
-        p = self.artefact(name)
-        if not p.is_dir():
-            maker = name.split("_")[0] if name.startswith("distill") else name
-            raise FileNotFoundError(f"stage {stage} needs {p} (made by stage {maker}); "
-                                    f"run it first, e.g. stages=[{maker},{stage}]")
-        return p
-
-    def log_metrics(self, stage: str, metrics: dict[str, float]) -> None:
-        flat = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        log.info("[%s] %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
-        if self.logger is not None and flat:
-            self.logger.log_metrics(flat, step=STAGES.index(stage))
-            self.logger.save()
-
 
 def validate(cfg: DictConfig) -> None:
     """Fail at start on unknown stages/variants, a bad task name, or missing mandatory values."""
@@ -143,8 +93,6 @@ def run_stage(ctx: Context, name: str, fn: Callable[[Context, Path], dict[str, A
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages in pipeline order; returns {stage or artefact: metrics}."""
-    from memfit.transfer import stages as S
-
     validate(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     run_dir = Path(cfg.run_dir).expanduser().resolve()

@@ -17,9 +17,9 @@ from memfit.config import check_choice
 from memfit.data.collate import format_prompt
 from memfit.models.build import build_model
 from memfit.transfer import discriminate as D
+from memfit.transfer.context import Context
 from memfit.transfer.distill import DistillModule, same_vocabulary, teacher_rows
 from memfit.transfer.evaluate import markdown_table, mmd_report, plot_embeddings, task_accuracy
-from memfit.transfer.pipeline import Context
 from memfit.transfer.synthesize import generate_candidates, rejection_sample
 from memfit.transfer.training import (
     fit,
