@@ -10,7 +10,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +164,39 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+            "GROUP_RANK")
+
+
+@contextmanager
+def own_process_group() -> Iterator[None]:
+    """A run that starts a process group in this process (FSDP2 on one device, say) ends it again and restores the
+    distributed environment variables Lightning set: a second in-process run (a Hydra multirun, a test, an experiment)
+    then starts clean, and child processes do not inherit a port that this process still holds."""
+    import torch.distributed as dist
+
+    started = not (dist.is_available() and dist.is_initialized())
+    env = {k: os.environ.get(k) for k in DIST_ENV}
+    try:
+        yield
+    finally:
+        if started and dist.is_available() and dist.is_initialized() and not on_slurm():
+            dist.destroy_process_group()
+            for k, v in env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Run one training job from a composed config; returns the final metrics (also used by sweeps). `callbacks` are
     added to the configured ones (experiments attach their probes here)."""
+    with own_process_group():
+        return _run(cfg, callbacks)
+
+
+def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
