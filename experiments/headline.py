@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--longest-budget", type=float, default=300.0, help="seconds for our longest-sequence search")
     ap.add_argument("--longest-start", type=int, default=131072)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-peer-longest", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-capable, unquantized peer")
     ap.add_argument("--out", default=str(RESULTS / "headline.md"))
     args = ap.parse_args(argv)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> str:
             peer = peer_measure(model, batches, warmup=2)
             print("peer", {k: v for k, v in peer.items() if k != "losses"}, flush=True)
             out.write_text(table(ours, peer, notes))
-            if gpu and not args.no_longest:
+            if gpu and not args.no_longest and not args.no_peer_longest:
                 peer["longest"] = peer_longest(model, 32768, arch["vocab_size"])
     text = table(ours, peer, notes)
     out.write_text(text)

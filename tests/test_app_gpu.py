@@ -18,7 +18,8 @@ def test_composition_on_gpu(name, trainer, dtype, tmp_path):
 
 
 def test_nf4_quantized_on_gpu_equals_cpu():
-    """storage=nf4 quantizes CPU-held weights on the GPU: the codes and scales must be the CPU reference's bytes."""
+    """storage=nf4 quantizes CPU-held weights on the GPU (single quantization): the codes and scales must be the CPU
+    reference's bytes."""
     from memfit.quant.nf4 import NF4Tensor
     from memfit.quant.nf4_apply import quantize_where_fast
 

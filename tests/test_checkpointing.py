@@ -43,7 +43,8 @@ def test_same_losses_with_and_without(fast_cfg):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_less_peak_memory_at_2048_tokens_on_gpu(fast_cfg):
-    seq = ["trainer=gpu", "data=random", "data.max_length=2048", "data.n_train=8", "data.batch_size=2",
+    seq = ["trainer=gpu", "trainer.accelerator=gpu", "callbacks=default", "~callbacks.progress",
+           "~callbacks.model_checkpoint", "~callbacks.lr_monitor", "data=random", "data.max_length=2048", "data.n_train=8", "data.batch_size=2",
            "model.arch.max_position_embeddings=2048", "data.vocab_size=null", "eval.before=false"]
     off, r_off = _run(fast_cfg, False, *seq)
     on, r_on = _run(fast_cfg, True, *seq)

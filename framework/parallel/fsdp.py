@@ -108,22 +108,31 @@ def shard_model(model: nn.Module, mesh: Any = None, *, param_dtype: str | None =
         raise ValueError(f"FSDP2: found no transformer blocks in {type(model).__name__} (no _no_split_modules and no "
                          "nn.ModuleList)")
     direct = {id(m) for m in (_get(model, "get_input_embeddings"), _get(model, "get_output_embeddings")) if m is not None}
-    if shard_linears:
-        for module in model.modules():
-            if id(module) not in direct and is_trainable_linear(module):
-                base = getattr(module, "base_layer", None)
-                if isinstance(base, nn.Module) and any(True for _ in base.parameters()):
-                    # the frozen base in a unit of its own: FSDP2 needs one dtype per unit, and a bf16 base with fp32
-                    # adapter factors (the normal fine-tuning case) would otherwise share the adapter layer's unit
-                    fully_shard(base, reshard_after_forward=reshard_after_forward, **kw)
-                fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if shard_linears:  # the targets first: sharding changes parameters (torch 2.11 marks sharded subclass ones trainable)
+        for module in [m for m in model.modules() if id(m) not in direct and is_trainable_linear(m)]:
+            base = getattr(module, "base_layer", None)
+            if isinstance(base, nn.Module) and any(True for _ in base.parameters()):
+                # the frozen base in a unit of its own: FSDP2 needs one dtype per unit, and a bf16 base with fp32
+                # adapter factors (the normal fine-tuning case) would otherwise share the adapter layer's unit
+                fully_shard(base, reshard_after_forward=reshard_after_forward, **kw)
+            fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
     for block in blocks:
         _check_uniform_dtype(block, ignored)
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     root = ShardedRoot(model)
     fully_shard(root, reshard_after_forward=reshard_after_forward, **kw)
+    _keep_frozen(model, frozen)
     return root
+
+
+def _keep_frozen(model: nn.Module, frozen: set[str]) -> None:
+    """Frozen weights stay frozen after sharding. FSDP2 replaces every parameter by a sharded one; torch 2.11 gave
+    the sharded NF4/NeuZip (tensor-subclass) ones requires_grad=True, which would hand them to the optimizer."""
+    for n, p in model.named_parameters():
+        if n in frozen and p.requires_grad:
+            p.requires_grad_(False)
 
 
 def _check_uniform_dtype(block: nn.Module, ignored: set[nn.Parameter]) -> None:

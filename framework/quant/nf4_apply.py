@@ -56,7 +56,8 @@ def apply_nf4(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
 def quantize_where_fast(w: torch.Tensor, block_size: int, double_quant: bool) -> NF4Tensor:
     """NF4 of `w`, computed on the GPU when the weight sits on the CPU and a GPU is present (one weight at a time, the
     codes brought back where the weight was): an 8B model's weights quantize in seconds there instead of minutes on
-    the CPU, with the same bytes (the quantization is elementwise given each block's absmax)."""
-    if w.device.type != "cpu" or not torch.cuda.is_available():
+    the CPU, with the same bytes (the quantization is elementwise given each block's absmax). Double quantization stays
+on the CPU: its second-level scales came out 1 ulp apart on the GPU (a reduction in another order)."""
+    if w.device.type != "cpu" or not torch.cuda.is_available() or double_quant:
         return NF4Tensor.from_dense(w, block_size, double_quant)
     return NF4Tensor.from_dense(w.to("cuda"), block_size, double_quant).to(w.device)
