@@ -126,9 +126,19 @@ def walk(base_dir: Path, delta: Path, emit: Callable[[str, bytes, bool], None], 
     with DeltaReader(delta) as r:
         _check_base(r, base)
         total = r.footer.get("raw_bytes")
+        if not _uint(total):
+            raise ContainerError(f"{delta}: footer has no valid size of the fine-tuned folder")
         current: _StFile | None = None
         seen: set[str] = set()
-        with _bar(total if _uint(total) else 0, "decompress", progress) as bar:
+        rebuilt = 0
+
+        def out(name: str, data: bytes, new: bool) -> None:
+            nonlocal rebuilt
+            rebuilt += len(data)
+            bar.update(len(data))
+            emit(name, data, new)
+
+        with _bar(total, "decompress", progress) as bar:
             for meta, payload in r:
                 kind = meta.get("kind")
                 if kind in ("file", "st_file"):
@@ -142,23 +152,22 @@ def walk(base_dir: Path, delta: Path, emit: Callable[[str, bytes, bool], None], 
                     if not _uint(meta.get("crc")) or zlib.crc32(payload) != meta["crc"]:
                         raise ContainerError(f"file {name!r} in {delta} is corrupt")
                     current = None
-                    emit(name, bytes(payload), True)
+                    out(name, bytes(payload), True)
                 elif kind == "st_file":
                     current = _StFile(name, meta, bytes(payload), f"{delta}: safetensors file {name!r}")
-                    emit(name, bytes(payload), True)
+                    out(name, bytes(payload), True)
                 elif kind == "tensor":
                     if current is None:
                         raise ContainerError(f"tensor record {str(meta.get('name'))[:80]!r} outside any safetensors "
                                              "file")
                     current.expect(meta)
-                    data = tensor_bytes(decode_record(meta, payload, base.get)).tobytes()
-                    emit(current.name, data, False)
-                    bar.update(len(data) - len(payload))  # progress in rebuilt bytes
+                    out(current.name, tensor_bytes(decode_record(meta, payload, base.get)).tobytes(), False)
                 else:
                     raise ContainerError(f"unknown record kind {str(kind)[:40]!r} in {delta}")
-                bar.update(len(payload))
         if current is not None:
             current.finish()
+        if rebuilt != total:  # records dropped (or added) in a file whose checksums were recomputed
+            raise ContainerError(f"{delta} rebuilds {rebuilt} bytes, its footer says {total}: records are missing")
 
 
 def decompress_dir(base_dir: Path, delta: Path, out_dir: Path, progress: bool = True) -> None:
@@ -200,9 +209,12 @@ def verify_dir(base_dir: Path, delta: Path, ft_dir: Path | None = None, progress
 
     try:
         walk(base_dir, delta, emit, progress)
-    finally:
+    except BaseException:
         if state.get("f"):
-            _close_compare(state)
+            state["f"].close()
+        raise
+    if state.get("f"):
+        _close_compare(state)
     return state["files"]
 
 
