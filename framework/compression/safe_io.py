@@ -308,8 +308,12 @@ class StagedDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.discard()
+        if exc_type is None:
+            return
+        self.discard()
+        if isinstance(exc, OSError) and (exc.errno in _WRITE_ERRNOS if exc.filename is None else
+                                         str(exc.filename).startswith(str(self.stage))):
+            raise write_error(exc, self.target, "write into") from None  # name the target, not the staging folder
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:
