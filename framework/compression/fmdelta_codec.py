@@ -212,4 +212,5 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
 def payload_stats(meta: dict, payload: bytes | memoryview, numel: int) -> dict[str, int]:
     """Bytes spent on entropy-coded symbols vs raw low bits (for `stats`), from a validated segment table."""
     segs = _segment_views(meta, memoryview(payload), numel)
-    return {"symbol_bytes": sum(len(a) for _, a, _, _ in segs), "raw_bytes": sum(len(b) + len(w) for _, _, b, w in segs)}
+    return {"symbol_bytes": sum(len(a) for _, a, _, _ in segs),
+            "raw_bytes": sum(len(b) + len(w) for _, _, b, w in segs)}

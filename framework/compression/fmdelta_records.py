@@ -111,7 +111,8 @@ def decode_record(meta: dict, payload: memoryview, base_of: Callable[[str], torc
         if len(payload) != itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"record {name!r}: {len(payload)} bytes do not hold a {meta['dtype']} tensor {shape}")
         # torch.frombuffer refuses an empty buffer: a tensor with a 0 dimension has an empty payload
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+        flat = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload)
+                else torch.empty(0, dtype=torch.uint8))
         out = flat.view(dtype).reshape(shape).to(device)
     else:
         base = base_of(name)

@@ -26,7 +26,8 @@ from typing import BinaryIO
 
 MAX_NAME_BYTES = 1024  # a whole relative name
 MAX_PART_BYTES = 255  # one path component (NAME_MAX of common file systems)
-_WINDOWS_DEVICES = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(\..*)?$", re.IGNORECASE)
+_WINDOWS_DEVICES = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$)(\..*)?$",
+                              re.IGNORECASE)
 _TERMINATING = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 # OSErrors a write can raise without naming a file (ENOSPC from write()): reported against the file being written
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
@@ -131,8 +132,9 @@ def terminate_cleanly(handlers_too: bool = False) -> Iterator[None]:
 
 
 class AtomicFile:
-    """A file written under a hidden temporary name in the target's folder and renamed onto it by `commit()`; `discard()`
-    (or leaving the `with` block by an exception, Ctrl-C or SIGTERM) removes it. The target is never partly written."""
+    """A file written under a hidden temporary name in the target's folder and renamed onto it by `commit()`;
+    `discard()` (or leaving the `with` block by an exception, Ctrl-C or SIGTERM) removes it. The target is never
+    partly written."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
