@@ -26,7 +26,8 @@ def _stats_table(rows: list[dict], show_all: bool) -> str:
         per[r["dtype"]][1] += r["stored"]
         if show_all or r["mode"] in ("delta", "raw"):
             ratio = r["stored"] / r["raw"] if r["raw"] else 1.0
-            lines.append(f"{r['name'][:60]:60s} {r['dtype']:9s} {r['mode']:7s} {r['raw']:12d} {r['stored']:12d} "
+            name = "".join(c if c.isprintable() else "?" for c in r["name"][:60])  # names come from the file
+            lines.append(f"{name:60s} {r['dtype']:9s} {r['mode']:7s} {r['raw']:12d} {r['stored']:12d} "
                          f"{ratio:7.4f}")
     lines.append("")
     for dt, (raw, st) in sorted(per.items()):

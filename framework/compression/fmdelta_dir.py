@@ -233,11 +233,13 @@ def stats(delta: Path) -> list[dict[str, Any]]:
     rows = []
     with DeltaReader(require_file(delta, "FM-Delta file")) as r:
         for meta, payload in r:
-            if meta.get("kind") != "tensor":
+            kind = meta.get("kind")
+            if kind in ("file", "st_file"):
                 name = safe_relpath(meta.get("name")).as_posix()
-                rows.append({"name": name, "dtype": "-", "mode": str(meta.get("kind"))[:7], "raw": len(payload),
-                             "stored": len(payload)})
+                rows.append({"name": name, "dtype": "-", "mode": kind, "raw": len(payload), "stored": len(payload)})
                 continue
+            if kind != "tensor":
+                raise ContainerError(f"unknown record kind {str(kind)[:40]!r} in {delta}")
             name, dtype, shape = check_tensor_meta(meta)
             numel = 1
             for s in shape:
