@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,9 +72,9 @@ def test_fmdelta_path_errors(pair, tmp_path: Path, capsys) -> None:
         run_fmd(capsys, tmp_path, argv, *needles)
 
 
-def _denied(*args, **kwargs):
-    """What mkstemp/mkdtemp raise in a read-only folder: a PermissionError naming the hidden temporary path."""
-    raise PermissionError(errno.EACCES, "Permission denied", os.path.join(kwargs.get("dir", "."), ".x.partial-abc"))
+def _denied(parent: Path, prefix: str, suffix: str, make) -> None:
+    """What creating the temporary file or folder raises in a read-only folder: a PermissionError naming it."""
+    raise PermissionError(errno.EACCES, "Permission denied", str(parent / f"{prefix}abc{suffix}"))
 
 
 def test_read_only_output_is_named_not_its_temporary(pair, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -85,8 +84,7 @@ def test_read_only_output_is_named_not_its_temporary(pair, tmp_path: Path, capsy
     if os.geteuid() != 0:  # a real read-only folder where permissions apply
         ro.chmod(0o555)
     else:
-        monkeypatch.setattr(tempfile, "mkstemp", _denied)
-        monkeypatch.setattr(tempfile, "mkdtemp", _denied)
+        monkeypatch.setattr(safe_io, "fresh_entry", _denied)
     try:
         run_fmd(capsys, tmp_path, ["compress", "--base", str(base), "--finetuned", str(ft), "--out",
                                    str(ro / "d.fmd")], "cannot write", str(ro / "d.fmd"), "Permission denied")
@@ -179,3 +177,18 @@ def test_transfer_cli_user_error_is_one_line(tmp_path: Path, capsys) -> None:
         transfer.__wrapped__(cfg)
     assert e.value.code == 1
     one_line_error(capsys, "bogus")
+
+
+def test_outputs_get_default_permissions(pair, tmp_path: Path) -> None:
+    """Written through hidden temporaries, outputs still get the permissions a plain open()/mkdir would give them
+    (tempfile's 0600 files and 0700 folders must not leak into the result)."""
+    base, ft, delta = pair
+    (tmp_path / "ref.txt").write_text("x")
+    (tmp_path / "refdir").mkdir()
+    assert fmdelta(["compress", "--base", str(base), "--finetuned", str(ft), "--out", str(tmp_path / "n.fmd"),
+                    "--quiet"]) == 0
+    assert fmdelta(["decompress", "--base", str(base), "--delta", str(delta), "--out", str(tmp_path / "o"),
+                    "--quiet"]) == 0
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "n.fmd") == mode(tmp_path / "ref.txt") == mode(tmp_path / "o" / "config.json")
+    assert mode(tmp_path / "o") == mode(tmp_path / "refdir") == mode(tmp_path / "o" / "tok")

@@ -15,14 +15,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 MAX_NAME_BYTES = 1024  # a whole relative name
 MAX_PART_BYTES = 255  # one path component (NAME_MAX of common file systems)
@@ -31,6 +31,9 @@ _WINDOWS_DEVICES = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|
 _TERMINATING = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
 # OSErrors a write can raise without naming a file (ENOSPC from write()): reported against the file being written
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+T = TypeVar("T")
 
 
 class UnsafeNameError(ValueError):
@@ -98,6 +101,22 @@ def write_error(e: OSError, path: Path, doing: str = "write") -> OSError:
     return err
 
 
+def _new_file(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+
+def fresh_entry(parent: Path, prefix: str, suffix: str, make: Callable[[Path], T]) -> tuple[Path, T]:
+    """A new hidden temporary file or folder in `parent`, made by make(path) with the default permissions (umask
+    applied), unlike tempfile's 0600 files and 0700 folders, which would become the output's permissions."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return path, make(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {parent}")
+
+
 @contextmanager
 def terminate_cleanly(handlers_too: bool = False) -> Iterator[None]:
     """Run the block with SIGTERM/SIGHUP raising `Interrupted`, so clean-ups run; afterwards the signal is handed to
@@ -147,8 +166,7 @@ class AtomicFile:
         self._guard.__enter__()
         self.tmp: Path | None = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name[:100]}.", suffix=".partial", dir=parent)
-            self.tmp = Path(tmp)
+            self.tmp, fd = fresh_entry(parent, f".{self.path.name[:100]}.", ".partial", _new_file)
             self.f: BinaryIO = os.fdopen(fd, "wb")
         except OSError as e:
             self.discard()
@@ -220,14 +238,13 @@ class StagedDir:
         self.merge = self.target.is_dir()
         try:
             if self.merge:
-                self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.target))
+                self.stage, _ = fresh_entry(self.target, ".partial-", "", os.mkdir)
             else:
                 for p in reversed(self.target.parents):
                     if not p.exists():
                         p.mkdir()
                         self.created.append(p)
-                self.stage = Path(tempfile.mkdtemp(prefix=f".{self.target.name[:100]}.partial-",
-                                                   dir=self.target.parent))
+                self.stage, _ = fresh_entry(self.target.parent, f".{self.target.name[:100]}.partial-", "", os.mkdir)
         except OSError as e:
             self.discard()
             raise write_error(e, self.target, "write into") from None
