@@ -337,3 +337,41 @@ def test_state_delta_fuzz() -> None:
         with pytest.raises(ValueError, match="."):
             load_state_delta(io.BytesIO(bytes(b)), base)
         STATS["refused"] += 1
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd", "lzma"])
+def test_corrupt_callback_checkpoint_entries(codec: str) -> None:
+    """A checkpoint of the FM-Delta callback with a flipped byte in its weights or optimizer payload, or a payload of
+    the wrong type, fails with a ValueError naming it (never a codec's or the unpickler's own exception)."""
+    import io
+
+    from memfit.callbacks.fmdelta import KEY, FMDeltaCheckpoint
+    from memfit.compression.fmdelta_records import state_fingerprint
+
+    g = torch.Generator().manual_seed(SEED)
+    base = {"w": torch.randn(32, 8, generator=g)}
+    cb = FMDeltaCheckpoint(optimizer_codec=codec)
+    cb.base, cb.base_fp = base, state_fingerprint(base)
+    opt = [{"state": {0: {"exp_avg": torch.randn(8, generator=g)}}, "param_groups": []}]
+    good = cb.encode({"state_dict": {"w": base["w"] + 1e-3}, "optimizer_states": opt})
+    rng = random.Random(SEED)
+    for key, n in (("state_dict", 20), ("optimizer_states", 20)):
+        for _ in range(n):
+            t = good[KEY][key].clone()
+            t[rng.randrange(t.numel())] ^= 1 << rng.randrange(8)
+            ckpt = {**good, KEY: {**good[KEY], key: t}}
+            STATS["cases"] += 1
+            try:
+                cb.decode(dict(ckpt))
+            except ValueError as e:
+                assert str(e)
+                STATS["refused"] += 1
+                continue
+            raise AssertionError(f"corrupt {key} accepted")  # (zlib/lzma/zstd all carry a checksum)
+    for bad in ({**good[KEY], "state_dict": "x"}, [1, 2], {**good[KEY], "state_dict": torch.zeros(3)}):
+        with pytest.raises(ValueError):
+            cb.decode({**good, KEY: bad})
+    buf = io.BytesIO()
+    torch.save(good, buf)
+    back = cb.decode(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert torch.equal(back["state_dict"]["w"], base["w"] + 1e-3)

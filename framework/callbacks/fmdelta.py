@@ -162,7 +162,9 @@ class FMDeltaCheckpoint(L.Callback):
                 for k in present:
                     ob = io.BytesIO()
                     torch.save(ckpt.pop(k), ob)
-                    blob[k] = as_u8(generic_compress(ob.getvalue(), self.codec, self.level))
+                    packed = generic_compress(ob.getvalue(), self.codec, self.level)
+                    blob[k] = as_u8(packed)
+                    blob[f"{k}_crc32"] = zlib.crc32(packed)  # zstd frames carry no checksum by default
                 self.sizes["optimizer_stored"] = sum(blob[k].numel() for k in present)
         ckpt[KEY] = blob
         return ckpt
@@ -174,11 +176,21 @@ class FMDeltaCheckpoint(L.Callback):
             return ckpt
         if self.base is None:
             raise RuntimeError("FMDeltaCheckpoint has no base: the callback was not set up by a Trainer")
+        if not isinstance(blob, dict) or "state_dict" not in blob:
+            raise ValueError(f"FM-Delta checkpoint entry {KEY!r} is malformed ({type(blob).__name__})")
         ckpt["state_dict"] = load_state_delta(io.BytesIO(_raw(blob["state_dict"])), self.base, base_fp=self.base_fp)
         for k in OPTIMIZER_KEYS:
             if k in blob:
-                raw = generic_decompress(bytes(_raw(blob[k])), blob["optimizer_codec"])
-                ckpt[k] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                packed = bytes(_raw(blob[k]))
+                if f"{k}_crc32" in blob and zlib.crc32(packed) != blob[f"{k}_crc32"]:
+                    raise ValueError(f"FM-Delta checkpoint: {k} is corrupt (checksum mismatch)")
+                try:
+                    raw = generic_decompress(packed, blob.get("optimizer_codec", "none"))
+                    ckpt[k] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                except ValueError:
+                    raise
+                except Exception as e:  # zlib/lzma/zstd and unpickling errors of a corrupt file: a clear ValueError
+                    raise ValueError(f"FM-Delta checkpoint: {k} is corrupt ({type(e).__name__}: {e})") from None
         return ckpt
 
 
