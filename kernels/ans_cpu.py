@@ -84,15 +84,20 @@ MIN_WORK_PER_THREAD = 1 << 18  # elements (symbols, weights): below this a threa
 
 
 def cpu_threads(work: int, min_per_thread: int = MIN_WORK_PER_THREAD) -> int:
-    """Threads for `work` elements: torch's setting, capped by the cores this process may run on and by the work
-    (one thread per MIN_WORK_PER_THREAD), so small inputs never pay for threads they cannot use. The C++ loops hand
-    out work dynamically, so a thread sharing its core with another process does not slow the others: with this
-    choice more threads are never slower than one (measured in experiments/fmdelta_speed.py --threads)."""
+    """Threads for `work` elements, so that more threads are never slower than one: torch's setting, capped by the
+    cores this process may run on, by the cores other processes leave idle (1-minute load average, this process
+    counted as one) and by the work (MIN_WORK_PER_THREAD each). On a busy machine an extra thread only adds waiting:
+    the call ends when its last thread does, and a thread whose core is taken by another process runs late (measured
+    on a 2-core machine at load 5: 2 threads 12-24% slower than 1; tiny inputs paid the thread start for nothing)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores, work // max(1, min_per_thread)))
+    try:
+        idle = cores - max(0.0, os.getloadavg()[0] - 1.0)
+    except (AttributeError, OSError):
+        idle = cores
+    return max(1, min(torch.get_num_threads(), cores, int(idle + 0.5), work // max(1, min_per_thread)))
 
 
 def to_i32_bits(x: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,24 @@ def test_two_threads_not_slower_than_one_on_small_tensors() -> None:
     finally:
         torch.set_num_threads(old)
     assert best[2] <= 2 * best[1] + 0.01, best
+
+
+def test_thread_count_follows_cores_load_and_work(monkeypatch) -> None:
+    """cpu_threads: torch's setting, capped by the usable cores, the idle ones (load average, this process counted
+    as one) and the work; never below 1."""
+    monkeypatch.setattr(ans_cpu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        cases = [  # (load, work) -> threads
+            ((1.0, 1 << 30), 8), ((0.0, 1 << 30), 8), ((12.0, 1 << 30), 5), ((40.0, 1 << 30), 1),
+            ((1.0, 3 * ans_cpu.MIN_WORK_PER_THREAD), 3), ((1.0, 100), 1), ((1.0, 0), 1),
+        ]
+        for (load, work), want in cases:
+            monkeypatch.setattr(ans_cpu.os, "getloadavg", lambda load=load: (load, load, load))
+            assert ans_cpu.cpu_threads(work) == want, (load, work)
+        torch.set_num_threads(32)
+        monkeypatch.setattr(ans_cpu.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+        assert ans_cpu.cpu_threads(1 << 30) == 16  # no more than the cores
+    finally:
+        torch.set_num_threads(old)
