@@ -115,3 +115,35 @@ def test_fmdelta_checkpoint_restores_weights_bit_exact(fast_cfg, tmp_path: Path)
     assert_bit_equal(ckpt["optimizer_states"], capture.saved["optimizer_states"], "optimizer_states")
     moved = sum(not torch.equal(trained[k], base[k]) for k in base)
     assert moved > len(base) // 2
+
+
+def test_plain_checkpoints_written_atomically(tmp_path: Path, monkeypatch) -> None:
+    """AtomicCheckpoints swaps Lightning's default writer for AtomicCheckpointIO: a save that fails midway leaves
+    neither a file at the checkpoint's path nor a temporary one, and keeps the previous checkpoint intact."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from memfit.callbacks.fmdelta import AtomicCheckpointIO, AtomicCheckpoints
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+    AtomicCheckpoints().setup(trainer, None, "fit")
+    io = trainer.strategy.checkpoint_io
+    assert type(io) is AtomicCheckpointIO
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"w": torch.arange(5)}, path)
+    first = path.read_bytes()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5))
+    real_save = torch.save
+
+    def failing(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing)
+    try:
+        io.save_checkpoint({"w": torch.arange(7)}, path)
+        raise AssertionError("the failed save did not raise")
+    except OSError as e:
+        assert str(path) in str(e) and ".partial" not in str(e)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"] and path.read_bytes() == first

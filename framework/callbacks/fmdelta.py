@@ -107,6 +107,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
+class AtomicCheckpoints(L.Callback):
+    """Plain checkpoints written atomically too: swaps Lightning's default writer for AtomicCheckpointIO at setup
+    (strategies with their own writer, e.g. sharded FSDP checkpoints, are left alone)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 class FMDeltaCheckpointIO(CheckpointIO):
     """Delegates file I/O to the wrapped CheckpointIO (Lightning's plain writer: atomically, see AtomicCheckpointIO);
     encodes/decodes the model and optimizer state."""
