@@ -11,13 +11,17 @@ weights are loaded, adapters merged, and the result written with `save_pretraine
 from __future__ import annotations
 
 import argparse
+import pickle
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 
+from memfit.compression.cli import run_cli
 from memfit.export import export_hf
 
 
@@ -33,11 +37,15 @@ def load_full_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
             dcp_to_torch_save(path, Path(tmp) / "full.pt")
             state = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's words for "not a checkpoint file"
+            raise ValueError(f"{path} is not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
     else:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if "state_dict" not in state:
-        raise ValueError(f"{path} holds no 'state_dict' (keys: {sorted(state)[:8]}): not a Lightning checkpoint")
+    if not isinstance(state, dict) or "state_dict" not in state:
+        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} holds no 'state_dict' ({keys}): not a Lightning checkpoint")
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state["state_dict"].items()}
 
 
@@ -54,19 +62,23 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None
     cfg_path = Path(config) if config else find_config(ckpt)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"config {str(cfg_path)!r} does not exist")
-    cfg: Any = OmegaConf.load(cfg_path)
+    try:
+        cfg: Any = OmegaConf.load(cfg_path)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {cfg_path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
     return export_hf(cfg, load_full_state(ckpt), out_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 1 with a one-line message for a user error (memfit.compression.cli)."""
     ap = argparse.ArgumentParser(prog="python -m memfit.consolidate", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a Lightning checkpoint file or sharded checkpoint directory")
     ap.add_argument("out_dir", help="where to write the HF model directory")
     ap.add_argument("--config", help="the run's .hydra/config.yaml (default: found above the checkpoint)")
     args = ap.parse_args(argv)
-    out = consolidate(args.checkpoint, args.out_dir, args.config)
-    print(f"wrote {out}")
+    return run_cli(lambda: print(f"wrote {consolidate(args.checkpoint, args.out_dir, args.config)}"),
+                   "memfit.consolidate")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

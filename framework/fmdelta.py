@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from memfit.compression.cli import run_cli
 from memfit.compression.fmdelta_dir import compress_dir, decompress_dir, stats, verify_dir
 
 
@@ -25,7 +26,8 @@ def _stats_table(rows: list[dict], show_all: bool) -> str:
         per[r["dtype"]][1] += r["stored"]
         if show_all or r["mode"] in ("delta", "raw"):
             ratio = r["stored"] / r["raw"] if r["raw"] else 1.0
-            lines.append(f"{r['name'][:60]:60s} {r['dtype']:9s} {r['mode']:7s} {r['raw']:12d} {r['stored']:12d} "
+            name = "".join(c if c.isprintable() else "?" for c in r["name"][:60])  # names come from the file
+            lines.append(f"{name:60s} {r['dtype']:9s} {r['mode']:7s} {r['raw']:12d} {r['stored']:12d} "
                          f"{ratio:7.4f}")
     lines.append("")
     for dt, (raw, st) in sorted(per.items()):
@@ -58,25 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     for p in (c, d, v):
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
+    return run_cli(lambda: _run(a), "memfit.fmdelta")
+
+
+def _run(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    try:
-        if a.cmd == "compress":
-            r = compress_dir(a.base, a.finetuned, a.out, context=not a.no_context, progress=not a.quiet)
-            dt = time.perf_counter() - t0
-            print(f"{a.out}: {r['raw_bytes']} -> {r['stored_bytes']} bytes (ratio {r['stored_bytes'] / r['raw_bytes']:.4f})"
-                  f" in {dt:.1f} s ({r['raw_bytes'] / dt / 1e6:.0f} MB/s)")
-        elif a.cmd == "decompress":
-            decompress_dir(a.base, a.delta, a.out, progress=not a.quiet)
-            print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")
-        elif a.cmd == "verify":
-            n = verify_dir(a.base, a.delta, a.finetuned, progress=not a.quiet)
-            print(f"OK: {n} files decode with matching checksums" + (" and equal the originals" if a.finetuned else ""))
-        else:
-            print(_stats_table(stats(a.delta), a.all))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if a.cmd == "compress":
+        r = compress_dir(a.base, a.finetuned, a.out, context=not a.no_context, progress=not a.quiet)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        ratio = r["stored_bytes"] / max(r["raw_bytes"], 1)
+        print(f"{a.out}: {r['raw_bytes']} -> {r['stored_bytes']} bytes (ratio {ratio:.4f}) in {dt:.1f} s "
+              f"({r['raw_bytes'] / dt / 1e6:.0f} MB/s)")
+    elif a.cmd == "decompress":
+        decompress_dir(a.base, a.delta, a.out, progress=not a.quiet)
+        print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")
+    elif a.cmd == "verify":
+        n = verify_dir(a.base, a.delta, a.finetuned, progress=not a.quiet)
+        print(f"OK: {n} files decode with matching checksums" + (" and equal the originals" if a.finetuned else ""))
+    else:
+        print(_stats_table(stats(a.delta), a.all))
 
 
 if __name__ == "__main__":

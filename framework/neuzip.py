@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from memfit.compression.cli import run_cli
+from memfit.compression.safe_io import require_dir
+from memfit.compression.safetensors_dir import parse, read_tensor
 from memfit.quant import neuzip_codec as codec
 from memfit.quant.neuzip import NeuZipTensor
 
@@ -22,24 +26,26 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor of a checkpoint folder (safetensors preferred), read one at a time, so a model
-    larger than memory can be inspected."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"model folder {d} does not exist")
-    files = sorted(d.rglob("*.safetensors"))
+    larger than memory can be inspected. Headers are parsed by memfit's own reader (safetensors_dir), which names the
+    file and the problem for an empty, truncated or corrupt file."""
+    d = require_dir(model_dir, "model folder")
+    files = sorted(p for p in d.rglob("*.safetensors") if p.is_file())
     if files:
-        from safetensors import safe_open
-
         for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    yield k, fh.get_tensor(k)
+            for e in parse(f).tensors:
+                yield e.name, read_tensor(e)
         return
-    bins = sorted(d.rglob("pytorch_model*.bin"))
+    bins = sorted(p for p in d.rglob("pytorch_model*.bin") if p.is_file())
     if not bins:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin under {d}")
     for f in bins:
-        yield from torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{f} is not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{f} holds a {type(state).__name__}, not a state dict")
+        yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
 def exponent_entropy(exps: torch.Tensor) -> float:
@@ -69,7 +75,7 @@ def model_stats(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     rows = [(name, tensor_stats(t.to(dtype), mantissa_bits))
             for name, t in tqdm(items, desc="neuzip stats", unit="tensor", disable=not progress)
-            if t.is_floating_point() and t.numel() >= min_numel]
+            if t.is_floating_point() and t.numel() >= max(min_numel, 1)]
     if not rows:
         raise ValueError(f"no float tensor with at least {min_numel} elements to measure (see --min-numel)")
     n = sum(r["numel"] for _, r in rows)
@@ -92,17 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--min-numel", type=int, default=4096)
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    try:
-        rows, tot = model_stats(iter_tensors(a.model_dir), DTYPES[a.dtype], a.mantissa_bits, a.min_numel,
-                                progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _stats(a), "memfit.neuzip")
+
+
+def _stats(a: argparse.Namespace) -> None:
+    rows, tot = model_stats(iter_tensors(a.model_dir), DTYPES[a.dtype], a.mantissa_bits, a.min_numel,
+                            progress=not a.quiet)
     print(f"{'tensor':60s} {'numel':>10s} {'H(exp)':>7s} {'bound':>7s} {'bits':>7s} {'ratio':>6s} {'rel_err':>9s}")
     for name, r in [*rows, ("TOTAL", tot)]:
-        print(f"{name[:60]:60s} {r['numel']:>10d} {r['H_exp']:7.3f} {r['bound']:7.3f} {r['bits']:7.3f} "
+        name = "".join(c if c.isprintable() else "?" for c in name[:60])  # names come from the file
+        print(f"{name:60s} {r['numel']:>10d} {r['H_exp']:7.3f} {r['bound']:7.3f} {r['bits']:7.3f} "
               f"{r['ratio']:6.3f} {r['rel_err']:9.2e}")
-    return 0
 
 
 if __name__ == "__main__":

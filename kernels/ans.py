@@ -200,13 +200,17 @@ class ANSEncoded:
                    torch.from_numpy(freqs).to(torch.int32), n, lanes, prob_bits)
 
 
-def _tables(freqs: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(freq (256,), cum (256,), slot -> symbol (2**prob_bits,) uint8) on the CPU."""
-    f = torch.zeros(256, dtype=torch.int64)
-    f[: freqs.numel()] = freqs.cpu().to(torch.int64)
-    cum = torch.cumsum(f, 0) - f
-    slot_sym = torch.repeat_interleave(torch.arange(256), f).to(torch.uint8)
-    return f, cum, slot_sym
+def _tables(freqs: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(freq (256,), cum (256,)) int64 on the CPU, computed in numpy: a torch op here may wake torch's thread pool,
+    which costs milliseconds per call on a busy machine (it made 2 threads 2-4x slower than 1 on small tensors)."""
+    f = np.zeros(256, np.int64)
+    f[: freqs.numel()] = freqs.cpu().numpy()
+    return torch.from_numpy(f), torch.from_numpy(np.cumsum(f) - f)
+
+
+def _slot_symbols(f: torch.Tensor) -> torch.Tensor:
+    """slot -> symbol (2**prob_bits,) uint8: only the torch reference decoder needs it (the C++ one builds its own)."""
+    return torch.from_numpy(np.repeat(np.arange(256, dtype=np.uint8), f.numpy()))
 
 
 def _check_freqs(freqs: torch.Tensor, prob_bits: int) -> torch.Tensor:
@@ -244,7 +248,7 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
             last = int(torch.nonzero(counts)[-1]) + 1
             freqs = quantize_frequencies(counts[:last], prob_bits)
     freqs = _check_freqs(freqs, prob_bits)
-    f, cum, _ = _tables(freqs, prob_bits)
+    f, cum = _tables(freqs, prob_bits)
     if cuda:
         from memfit.kernels import ans_triton
 
@@ -279,10 +283,12 @@ def ans_decode(enc: ANSEncoded, device: torch.device | str | None = None, *, val
                                  enc.prob_bits, validate=validate, table=e.decode_table())
     _check_consistent(enc)
     freqs = _check_freqs(enc.freqs, enc.prob_bits)
-    f, cum, slot_sym = _tables(freqs, enc.prob_bits)
+    f, cum = _tables(freqs, enc.prob_bits)
     e = enc.to("cpu")
-    return _cpu_backend().decode(e.words.contiguous(), e.lane_offsets.contiguous(), e.final_states, enc.n, enc.lanes,
-                                 slot_sym, f, cum, enc.prob_bits).to(device)
+    backend = _cpu_backend()
+    slot_sym = _slot_symbols(f) if backend is ans_ref else None
+    return backend.decode(e.words.contiguous(), e.lane_offsets.contiguous(), e.final_states, enc.n, enc.lanes,
+                          slot_sym, f, cum, enc.prob_bits).to(device)
 
 
 def _check_consistent(enc: ANSEncoded) -> None:

@@ -87,7 +87,8 @@ def test_round_trip_and_reference_bytes(case, lanes):
     }[case]
     enc = ans_encode(x, lanes=lanes)
     assert torch.equal(ans_decode(enc), x)
-    f, cum, slot_sym = ans._tables(enc.freqs, enc.prob_bits)
+    f, cum = ans._tables(enc.freqs, enc.prob_bits)
+    slot_sym = ans._slot_symbols(f)
     words, offsets, states = ans_ref.encode(x, enc.lanes, f, cum, enc.prob_bits)
     assert torch.equal(words, enc.words) and torch.equal(offsets, enc.lane_offsets)
     assert torch.equal(states, enc.final_states)
@@ -123,10 +124,16 @@ def test_cpp_path_is_used_and_matches_reference_on_large_input():
     assert ans_cpu.lib() is not None, "the C++ coder did not build"
     x = _skewed(200_003, seed=5)
     enc = ans_encode(x, lanes=997)
-    f, cum, slot_sym = ans._tables(enc.freqs, enc.prob_bits)
+    f, cum = ans._tables(enc.freqs, enc.prob_bits)
+    slot_sym = ans._slot_symbols(f)
     words, offsets, states = ans_ref.encode(x, 997, f, cum, enc.prob_bits)
     assert torch.equal(words, enc.words) and torch.equal(states, enc.final_states)
     assert torch.equal(ans_cpu.decode(words, offsets, states, x.numel(), 997, slot_sym, f, cum, enc.prob_bits), x)
+    for threads in (2, 3, 7):  # lanes handed out to threads as they come: same bytes, same symbols
+        w2, o2, s2 = ans_cpu.encode(x, 997, f, cum, enc.prob_bits, nthreads=threads)
+        assert torch.equal(w2, words) and torch.equal(o2, offsets) and torch.equal(s2, states)
+        out = ans_cpu.decode(words, offsets, states, x.numel(), 997, None, f, cum, enc.prob_bits, nthreads=threads)
+        assert torch.equal(out, x)
 
 
 def test_triton_interpreter_matches_cpu_bytes():
@@ -137,7 +144,8 @@ def test_triton_interpreter_matches_cpu_bytes():
         ".to(torch.uint8)\n"
         "for lanes in (1, 5, 130):\n"
         "    e = ans.ans_encode(x, lanes=lanes)\n"
-        "    f, cum, ss = ans._tables(e.freqs, e.prob_bits)\n"
+        "    f, cum = ans._tables(e.freqs, e.prob_bits)\n"
+        "    ss = ans._slot_symbols(f)\n"
         "    w, o, s = ans_triton.encode(x, lanes, f, cum, e.prob_bits, block=64, num_warps=1)\n"
         "    assert torch.equal(w, e.words) and torch.equal(o, e.lane_offsets) and torch.equal(s, e.final_states)\n"
         "    y = ans_triton.decode(e.words, e.lane_offsets, e.final_states, x.numel(), lanes, ss, f, cum, "

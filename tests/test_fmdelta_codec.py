@@ -101,22 +101,20 @@ def test_native_equals_reference_bytes(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("block,threads", [(8, 3), (1000, 2), (1024, 5), (4096, 1)])
 def test_native_single_pass_threads_and_counts(dtype: torch.dtype, block: int, threads: int) -> None:
-    """Per-thread runs of blocks are compacted in order: bytes equal the reference for odd block sizes and thread
-    counts (including more threads than blocks), and the in-pass histogram equals a bincount of the symbols."""
+    """Blocks coded by threads as they come are compacted in order: bytes equal the reference for odd block sizes and
+    thread counts (including more threads than blocks), the in-pass histogram equals a bincount of the symbols, and
+    the threaded decoder inverts it."""
     fmt = FORMATS[dtype]
     base, ft = adversarial(dtype, n=9001, seed=4)
     b, f = bits(base), bits(ft)
     ref = fmdelta_ref.encode(b, f, fmt.exp_shift, fmt.exp_mask, block)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        counts = torch.zeros(256, dtype=torch.int64)
-        nat = fmdelta_native.encode(b, f, fmt.exp_shift, fmt.exp_mask, block, counts)
-    finally:
-        torch.set_num_threads(old)
+    counts = torch.zeros(256, dtype=torch.int64)
+    nat = fmdelta_native.encode(b, f, fmt.exp_shift, fmt.exp_mask, block, counts, nthreads=threads)
     for x, y in zip(ref, nat, strict=True):
         assert torch.equal(x, y)
     assert torch.equal(counts, torch.bincount(ref[0].to(torch.int64), minlength=256))
+    dec = fmdelta_native.decode(b, nat[0], nat[1], nat[2], fmt.exp_shift, fmt.exp_mask, block, nthreads=threads)
+    assert torch.equal(dec, f)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -13,6 +13,7 @@ Memory stays bounded by the largest record.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -20,6 +21,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+from memfit.compression.safe_io import AtomicFile
 
 MAGIC = b"FMDELTA\0"
 VERSION = 1
@@ -42,17 +45,19 @@ class DeltaWriter:
     """Append records to a new container; `close()` writes the index footer (use as a context manager)."""
 
     def __init__(self, f: BinaryIO | str | os.PathLike, header: dict[str, Any]):
-        self._own = not hasattr(f, "write")
-        # a path is written under a temporary name and renamed by close(): a failed or interrupted write never leaves
-        # a truncated container there, nor destroys the file it would have replaced
-        self._path = Path(f) if self._own else None  # type: ignore[arg-type]
-        self._tmp = self._path.with_name(f".{self._path.name}.partial") if self._path is not None else None
-        self.f: BinaryIO = open(self._tmp, "wb") if self._tmp is not None else f  # type: ignore[arg-type]
+        # a path is written through an AtomicFile (a hidden temporary renamed by close()): a failed or interrupted
+        # write never leaves a truncated container there, nor destroys the file it would have replaced
+        self._atomic = AtomicFile(f) if not hasattr(f, "write") else None
+        self.f: BinaryIO = self._atomic.f if self._atomic is not None else f  # type: ignore[assignment]
         self.index: list[dict[str, Any]] = []
         self.footer: dict[str, Any] = {}  # extra footer fields (known only at the end, e.g. a fingerprint)
         self.closed = False
         h = _json(header)
-        self.f.write(MAGIC + _U32.pack(VERSION) + _U32.pack(len(h)) + h + _U32.pack(zlib.crc32(h)))
+        try:
+            self.f.write(MAGIC + _U32.pack(VERSION) + _U32.pack(len(h)) + h + _U32.pack(zlib.crc32(h)))
+        except BaseException:
+            self.abort()
+            raise
         self.pos = len(MAGIC) + 8 + len(h) + 4
 
     def add(self, meta: dict[str, Any], parts: list[bytes] | tuple[bytes, ...] = ()) -> None:
@@ -74,27 +79,40 @@ class DeltaWriter:
         self.closed = True
         idx = _json({**self.footer, "records": self.index})
         body = _END + _U32.pack(len(idx)) + idx + _U32.pack(zlib.crc32(idx))
-        self.f.write(body + _TAIL.pack(len(body), MAGIC))
-        self.f.flush()
-        if self._own:
-            self.f.close()
-            os.replace(self._tmp, self._path)
+        if self._atomic is None:
+            self.f.write(body + _TAIL.pack(len(body), MAGIC))
+            self.f.flush()
+            return
+        with self._atomic as f:  # renamed into place, or removed on any failure
+            f.write(body + _TAIL.pack(len(body), MAGIC))
 
     def abort(self) -> None:
         """Drop a container that will not be finished (its temporary file, when writing to a path)."""
         self.closed = True
-        if self._own:
-            self.f.close()
-            self._tmp.unlink(missing_ok=True)
+        if self._atomic is not None:
+            self._atomic.discard()
 
     def __enter__(self) -> DeltaWriter:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self.abort()
+            return
+        self.closed = True
+        if self._atomic is not None:  # removes the temporary file; a write error names the target, not the temporary
+            self._atomic.__exit__(exc_type, exc, tb)
+
+
+def load_json_object(raw: bytes | memoryview, what: str) -> dict[str, Any]:
+    """Parse untrusted JSON that must be an object; ContainerError (never a RecursionError or TypeError) otherwise."""
+    try:
+        obj = json.loads(bytes(raw))
+    except (ValueError, RecursionError) as e:
+        raise ContainerError(f"{what} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise ContainerError(f"{what} is not a JSON object")
+    return obj
 
 
 def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
@@ -110,6 +128,8 @@ class DeltaReader:
     def __init__(self, f: BinaryIO | str | os.PathLike):
         self._own = not hasattr(f, "read")
         self.name = str(f) if self._own else getattr(f, "name", "<stream>")
+        if self._own and Path(f).is_dir():  # type: ignore[arg-type]
+            raise IsADirectoryError(errno.EISDIR, f"{self.name} is a directory, not an FM-Delta file")
         self.f: BinaryIO = open(f, "rb") if self._own else f  # type: ignore[arg-type]
         try:
             self.header = self._read_header()
@@ -131,7 +151,7 @@ class DeltaReader:
         if _U32.unpack(_read_exact(self.f, 4, "header checksum"))[0] != zlib.crc32(h):
             raise ContainerError(f"{self.name}: header is corrupt (checksum mismatch)")
         self.data_start = self.f.tell()
-        return json.loads(h)
+        return load_json_object(h, f"{self.name}: header")
 
     def _read_footer(self) -> dict[str, Any]:
         end = self.f.seek(0, os.SEEK_END)
@@ -148,7 +168,12 @@ class DeltaReader:
         if body[:4] != _END or len(body) != 12 + n or _U32.unpack(body[8 + n:])[0] != zlib.crc32(idx):
             raise ContainerError(f"{self.name}: footer index is corrupt (checksum mismatch)")
         self.records_end = end - _TAIL.size - size
-        return json.loads(idx)
+        footer = load_json_object(idx, f"{self.name}: footer index")
+        records = footer.get("records")
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and type(r.get("offset")) is int for r in records):
+            raise ContainerError(f"{self.name}: footer index has no valid record list")
+        return footer
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], memoryview]]:
         """(meta, payload) per record, in file order, each verified against its checksum first."""
@@ -166,7 +191,7 @@ class DeltaReader:
             (crc,) = _U32.unpack(_read_exact(self.f, 4, f"record {i} checksum"))
             if zlib.crc32(payload, zlib.crc32(m)) != crc:
                 raise ContainerError(f"{self.name}: record {i} ({entry.get('name')!r}) is corrupt (checksum mismatch)")
-            yield json.loads(m), memoryview(payload)
+            yield load_json_object(m, f"{self.name}: record {i} meta"), memoryview(payload)
         if self.f.tell() != self.records_end:
             raise ContainerError(f"{self.name}: unexpected bytes between the last record and the footer")
 

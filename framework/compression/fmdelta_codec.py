@@ -20,6 +20,7 @@ from memfit.compression import fmdelta_native, fmdelta_ref
 BLOCK = 1 << 16  # elements per raw-bit block (word-aligned start)
 SEGMENT = 1 << 22  # elements per entropy-coded segment (a multiple of BLOCK)
 PROB_BITS = 12
+MAX_BLOCK = 1 << 26  # largest block a decoder accepts (block_words must fit 32 bits)
 GPU_SEGMENT = 1 << 26  # elements per segment on CUDA: bounds the int64 temporaries (~3 GB) of the torch path
 GPU_SYMBOLS_PER_LANE = 512  # rANS lanes on CUDA: faster than 128 on an H200 and a better ratio (fmdelta_speed.py --spl)
 
@@ -141,14 +142,17 @@ def encode_delta(base: torch.Tensor, ft: torch.Tensor, *, context: bool = True, 
 
 
 def _segment_views(meta: dict, payload: memoryview, n_total: int) -> list[tuple[int, memoryview, memoryview, memoryview]]:
-    """Split a payload by the segment table, validating every length against the tensor size."""
+    """Split a payload by the segment table, validating every entry and length against the tensor size."""
+    segments = meta.get("segments")
+    if not isinstance(segments, list):
+        raise ValueError("corrupt FM-Delta meta: no segment table")
     out, pos, count = [], 0, 0
-    for seg in meta["segments"]:
-        if len(seg) != 4 or min(seg) < 0:
-            raise ValueError(f"corrupt FM-Delta segment table entry {seg}")
-        n, la, lb, lw = (int(x) for x in seg)
-        if pos + la + lb + lw > len(payload):
-            raise ValueError("FM-Delta payload shorter than its segment table says (truncated)")
+    for seg in segments:
+        if not isinstance(seg, list) or len(seg) != 4 or not all(type(x) is int and x >= 0 for x in seg):
+            raise ValueError(f"corrupt FM-Delta segment table entry {str(seg)[:80]}")
+        n, la, lb, lw = seg
+        if pos + la + lb + lw > len(payload) or count + n > n_total:
+            raise ValueError("FM-Delta payload or tensor shorter than its segment table says (truncated)")
         out.append((n, payload[pos:pos + la], payload[pos + la:pos + la + lb], payload[pos + la + lb:pos + la + lb + lw]))
         pos += la + lb + lw
         count += n
@@ -158,6 +162,14 @@ def _segment_views(meta: dict, payload: memoryview, n_total: int) -> list[tuple[
     return out
 
 
+def _check_codec_meta(meta: dict) -> tuple[int, bool]:
+    """(block, context) of a delta record's meta, validated (it comes from a file)."""
+    block, context = meta.get("block"), meta.get("context")
+    if type(block) is not int or not 1 <= block <= MAX_BLOCK or type(context) is not bool:
+        raise ValueError(f"corrupt FM-Delta meta: block={str(block)[:20]} context={str(context)[:20]}")
+    return block, context
+
+
 def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) -> torch.Tensor:
     """Fine-tuned tensor (base's dtype, shape and device) from its base and `encode_delta` output."""
     from memfit.kernels.ans import ANSEncoded, ans_decode
@@ -165,16 +177,18 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
     fmt = FORMATS.get(base.dtype)
     if fmt is None:
         raise ValueError(f"FM-Delta cannot decode against a base of dtype {base.dtype}")
-    block, mask = int(meta["block"]), fmt.exp_mask if meta["context"] else 0
+    block, context = _check_codec_meta(meta)
+    mask = fmt.exp_mask if context else 0
     b = _bits(base, fmt)
     out = torch.empty_like(b)
     native, gpu = _use_native(b), _use_gpu_kernels(b, block)
     max_words = (block * fmt.width + 63) // 64
     a = 0
     for n, ans, bw, wb in _segment_views(meta, memoryview(payload), b.numel()):
-        sym = ans_decode(ANSEncoded.from_bytes(ans), device=b.device)
-        if sym.numel() != n:
-            raise ValueError(f"FM-Delta symbol stream holds {sym.numel()} symbols, expected {n}")
+        enc = ANSEncoded.from_bytes(ans)
+        if enc.n != n:  # checked before decoding: a crafted count must not size an allocation
+            raise ValueError(f"FM-Delta symbol stream holds {enc.n} symbols, expected {n}")
+        sym = ans_decode(enc, device=b.device)
         nblocks = (n + block - 1) // block
         if len(bw) != 4 * nblocks or len(wb) % 8:
             raise ValueError("corrupt FM-Delta payload: block table or raw-bit stream has the wrong size")
@@ -195,9 +209,8 @@ def decode_delta(base: torch.Tensor, meta: dict, payload: bytes | memoryview) ->
     return out.view(base.dtype).view(base.shape)
 
 
-def payload_stats(meta: dict) -> dict[str, int]:
-    """Bytes spent on entropy-coded symbols vs raw low bits (for `stats`)."""
-    segs = meta.get("segments", [])
-    return {"symbol_bytes": sum(s[1] for s in segs), "raw_bytes": sum(s[2] + s[3] for s in segs)}
-
-
+def payload_stats(meta: dict, payload: bytes | memoryview, numel: int) -> dict[str, int]:
+    """Bytes spent on entropy-coded symbols vs raw low bits (for `stats`), from a validated segment table."""
+    segs = _segment_views(meta, memoryview(payload), numel)
+    return {"symbol_bytes": sum(len(a) for _, a, _, _ in segs),
+            "raw_bytes": sum(len(b) + len(w) for _, _, b, w in segs)}

@@ -72,16 +72,21 @@ def _ptr(t: torch.Tensor | np.ndarray | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def threads() -> int:
-    return max(1, torch.get_num_threads())
+def threads(n: int) -> int:
+    """Threads for n elements (kernels/ans_cpu.cpu_threads: no more than the idle cores and the work can use)."""
+    from memfit.kernels.ans_cpu import cpu_threads
+
+    return cpu_threads(n)
 
 
 def encode(base: torch.Tensor, ft: torch.Tensor, shift: int, mask: int, block: int,
-           counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           counts: torch.Tensor | None = None, nthreads: int | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(symbols uint8 (n,), block_words int64 (nblocks,), words int64) from two same-dtype 1-D CPU int views.
 
     One pass over the inputs on all threads; `counts` (int64 (256,)), when given, is incremented by the symbol
-    histogram gathered in the same pass (so the entropy coder needs no second look at the symbols).
+    histogram gathered in the same pass (so the entropy coder needs no second look at the symbols). `nthreads`
+    overrides the automatic choice (tests).
     """
     lib = library()
     assert lib is not None
@@ -94,12 +99,13 @@ def encode(base: torch.Tensor, ft: torch.Tensor, shift: int, mask: int, block: i
     hist = torch.zeros(256, dtype=torch.int64) if counts is None else counts
     assert hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 256
     total = lib.fmd_encode(_ptr(base), _ptr(ft), n, width, shift, mask, block, _ptr(sym), _ptr(bw32), _ptr(words),
-                           _ptr(hist), threads())
+                           _ptr(hist), nthreads or threads(n))
     return sym, bw32.to(torch.int64), words[:total]
 
 
 def decode(base: torch.Tensor, sym: torch.Tensor, block_words: torch.Tensor, words: torch.Tensor | np.ndarray,
-           shift: int, mask: int, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+           shift: int, mask: int, block: int, out: torch.Tensor | None = None, nthreads: int | None = None
+           ) -> torch.Tensor:
     """Inverse of `encode` (into `out`, a contiguous tensor like `base`, when given); raises ValueError on an
     out-of-range symbol or a raw-bit stream of the wrong length. `words` may be a read-only, unaligned uint8 numpy
     view of the payload (the C++ reader loads it bytewise-safely), which saves a copy."""
@@ -112,7 +118,7 @@ def decode(base: torch.Tensor, sym: torch.Tensor, block_words: torch.Tensor, wor
         out = torch.empty_like(base)
     assert out.dtype == base.dtype and out.numel() == n and out.is_contiguous()
     rc = lib.fmd_decode(_ptr(base), _ptr(sym), n, width, shift, mask, block, _ptr(words), _ptr(off), _ptr(bw32),
-                        _ptr(out), threads())
+                        _ptr(out), nthreads or threads(n))
     if rc == 1:
         raise ValueError("corrupt FM-Delta payload: symbol outside the alphabet")
     if rc == 2:

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from memfit.compression.container import ContainerError
 from memfit.compression.fmdelta_codec import decode_delta, delta_codable, encode_delta
+from memfit.compression.safe_io import check_record_name
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -74,19 +76,45 @@ def encode_record(name: str, ft: torch.Tensor, base: torch.Tensor | None, *, con
     return meta, [tensor_bytes(ft).tobytes()]
 
 
+def check_tensor_meta(meta: dict) -> tuple[str, torch.dtype, list[int]]:
+    """(name, dtype, shape) of a tensor record's meta read from a file, after checking every field decode_record
+    uses; ContainerError naming the record otherwise (a crafted meta never reaches the codec as a TypeError)."""
+    name = check_record_name(meta.get("name"))
+    dt, shape, mode = meta.get("dtype"), meta.get("shape"), meta.get("mode")
+
+    def bad(why: str) -> ContainerError:
+        return ContainerError(f"record {name[:80]!r}: {why}")
+
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise bad(f"unknown dtype {str(dt)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_uint(s, 1 << 48) for s in shape):
+        raise bad(f"malformed shape {str(shape)[:80]}")
+    if int(np.prod(shape, dtype=np.float64)) > 1 << 48:
+        raise bad(f"shape {shape} is too large")
+    if not _uint(meta.get("crc"), 1 << 32) or mode not in ("raw", "delta"):
+        raise bad(f"malformed checksum or unknown mode {str(mode)[:40]!r}")
+    if mode == "delta" and not _uint(meta.get("base_crc"), 1 << 32):
+        raise bad("malformed base checksum")
+    return name, DTYPES[dt], [int(s) for s in shape]
+
+
+def _uint(v: object, limit: int) -> bool:
+    return type(v) is int and 0 <= v < limit
+
+
 def decode_record(meta: dict, payload: memoryview, base_of: Callable[[str], torch.Tensor | None],
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """The tensor of one record, checked against its crc32; `base_of(name)` returns the base tensor or None."""
-    name = meta["name"]
-    if meta.get("dtype") not in DTYPES:
-        raise ValueError(f"record {name!r}: unknown dtype {meta.get('dtype')!r}")
-    dtype, shape = DTYPES[meta["dtype"]], [int(s) for s in meta["shape"]]
+    name, dtype, shape = check_tensor_meta(meta)
     if meta["mode"] == "raw":
         itemsize = torch.empty((), dtype=dtype).element_size()
         if len(payload) != itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"record {name!r}: {len(payload)} bytes do not hold a {meta['dtype']} tensor {shape}")
-        out = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape).to(device)
-    elif meta["mode"] == "delta":
+        # torch.frombuffer refuses an empty buffer: a tensor with a 0 dimension has an empty payload
+        flat = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload)
+                else torch.empty(0, dtype=torch.uint8))
+        out = flat.view(dtype).reshape(shape).to(device)
+    else:
         base = base_of(name)
         if base is None:
             raise BaseMismatchError(f"tensor {name!r} is delta-coded but the base model has no tensor of that name: "
@@ -97,9 +125,10 @@ def decode_record(meta: dict, payload: memoryview, base_of: Callable[[str], torc
         if crc(base) != meta["base_crc"]:
             raise BaseMismatchError(f"tensor {name!r} of the base differs from the one the delta was made against: "
                                     "wrong base model")
-        out = decode_delta(base.to(device), meta, payload)
-    else:
-        raise ValueError(f"record {name!r}: unknown mode {meta['mode']!r}")
+        try:
+            out = decode_delta(base.to(device), meta, payload)
+        except ValueError as e:
+            raise ContainerError(f"record {name!r}: {e}") from None
     if crc(out) != meta["crc"]:
         raise ValueError(f"tensor {name!r} decoded to bytes whose checksum differs from the stored one (corrupt delta)")
     return out

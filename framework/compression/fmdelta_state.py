@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from memfit.compression.container import DeltaReader, DeltaWriter
+from memfit.compression.container import ContainerError, DeltaReader, DeltaWriter
 from memfit.compression.fmdelta_records import BaseMismatchError, decode_record, encode_record, state_fingerprint
 
 
@@ -33,4 +33,12 @@ def load_state_delta(f: BinaryIO | str | os.PathLike, base: Mapping[str, torch.T
         if want != have:
             raise BaseMismatchError(f"delta was made against base {str(want)[:16]}..., the given base is "
                                     f"{have[:16]}...: wrong base model")
-        return {meta["name"]: decode_record(meta, payload, base.get, device) for meta, payload in r}
+        out: dict[str, torch.Tensor] = {}
+        for meta, payload in r:
+            if meta.get("kind") != "tensor":
+                raise ContainerError(f"{r.name}: record of kind {str(meta.get('kind'))[:40]!r} in a state-dict delta")
+            t = decode_record(meta, payload, base.get, device)  # validates the meta, name included
+            if meta["name"] in out:
+                raise ContainerError(f"{r.name}: tensor {meta['name']!r} appears twice")
+            out[meta["name"]] = t
+        return out

@@ -54,6 +54,47 @@ class SafetensorsFile:
         return pos == self.size
 
 
+def parse_header(header: bytes, size: int, where: str, path: Path | None = None) -> list[TensorEntry]:
+    """The tensors (in data-offset order) of a safetensors header: its 8-byte length prefix and JSON, verbatim, for a
+    file of `size` bytes. ValueError naming `where` and the tensor for anything malformed (untrusted input)."""
+    if len(header) < 8:
+        raise ValueError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", header[:8])
+    if n > size - 8 or len(header) != 8 + n:
+        raise ValueError(f"{where}: safetensors header length {n} exceeds the file size {size}")
+    try:
+        hdr = json.loads(header[8:])
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: corrupt safetensors header ({str(e)[:200]})") from None
+    if not isinstance(hdr, dict):
+        raise ValueError(f"{where}: corrupt safetensors header (not a JSON object)")
+    data0 = 8 + n
+    entries = []
+    for name, info in hdr.items():
+        if name == "__metadata__":
+            continue
+        shown = repr(name[:80])
+        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
+            raise ValueError(f"{where}: tensor {shown} has no supported dtype ({str(info)[:80]})")
+        dtype = ST_DTYPES[info["dtype"]]
+        offs, shape = info.get("data_offsets"), info.get("shape")
+        if not (_ints(offs) and len(offs) == 2 and _ints(shape)) or min([*offs, *shape], default=0) < 0:
+            raise ValueError(f"{where}: tensor {shown} has malformed offsets or shape")
+        s, e = offs
+        numel = 1
+        for d in shape:
+            numel *= d
+        if e - s != numel * torch.empty((), dtype=dtype).element_size() or data0 + e > size:
+            raise ValueError(f"{where}: tensor {shown} offsets {s}..{e} do not match its shape or the file size")
+        entries.append(TensorEntry(name, path or Path(where), dtype, tuple(shape), data0 + s, e - s))
+    entries.sort(key=lambda t: t.start)
+    return entries
+
+
+def _ints(v: object) -> bool:
+    return isinstance(v, list) and all(type(x) is int for x in v)
+
+
 def parse(path: Path) -> SafetensorsFile:
     """Parse a .safetensors header with clear errors for truncated or malformed files."""
     size = path.stat().st_size
@@ -65,27 +106,7 @@ def parse(path: Path) -> SafetensorsFile:
         if n > size - 8:
             raise ValueError(f"{path}: safetensors header length {n} exceeds the file size {size}")
         raw = f.read(n)
-    try:
-        hdr = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    data0 = 8 + n
-    entries = []
-    for name, info in hdr.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        dtype = ST_DTYPES[info["dtype"]]
-        s, e = (int(x) for x in info["data_offsets"])
-        shape = tuple(int(x) for x in info["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if e - s != numel * torch.empty((), dtype=dtype).element_size() or data0 + e > size:
-            raise ValueError(f"{path}: tensor {name!r} offsets {s}..{e} do not match its shape or the file size")
-        entries.append(TensorEntry(name, path, dtype, shape, data0 + s, e - s))
-    entries.sort(key=lambda t: t.start)
+    entries = parse_header(head + raw, size, str(path), path)
     return SafetensorsFile(path, head + raw, entries, size)
 
 

@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,7 +150,8 @@ class NeuZipTensor(torch.Tensor):
         enc = ANSEncoded.from_bytes(buf[pos: pos + na])
         if enc.n != n:
             raise ValueError(f"NeuZip exponent stream holds {enc.n} symbols for a tensor of {n} elements")
-        packed = torch.frombuffer(bytearray(buf[pos + na: pos + na + npk]), dtype=torch.uint8)
+        # numpy, not torch.frombuffer: an empty tensor has empty sections, which torch.frombuffer refuses
+        packed = torch.from_numpy(np.frombuffer(buf[pos + na: pos + na + npk], np.uint8).copy())
         if packed.numel() != codec.packed_nbytes(n, 1 + k):
             raise ValueError(f"NeuZip sign/mantissa section has {packed.numel()} bytes, expected "
                              f"{codec.packed_nbytes(n, 1 + k)}")
@@ -158,7 +160,7 @@ class NeuZipTensor(torch.Tensor):
             expect = -(-n // block)
             if nsc != expect:
                 raise ValueError(f"NeuZip has {nsc} block scales, expected {expect}")
-            scales = torch.frombuffer(bytearray(buf[pos + na + npk:]), dtype=torch.float32)
+            scales = torch.from_numpy(np.frombuffer(buf[pos + na + npk:], "<f4").astype(np.float32))
         z = cls(enc, packed, scales, shape, dtype, k, block or None)
         return z if torch.device(device).type == "cpu" else z._to(device)
 

@@ -6,6 +6,7 @@ This is the package's entry module: a sibling `framework/transfer.py` would be s
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -16,9 +17,13 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> Any:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from memfit.compression.cli import run_cli
     from memfit.transfer.pipeline import run
 
-    results = run(cfg)
+    results: dict[str, Any] = {}
+    code = run_cli(lambda: results.update(run(cfg)), "memfit.transfer")  # user errors: one line, exit code 1
+    if code:
+        sys.exit(code)
     ev = results.get("evaluate") or {}
     return ev.get("acc/target + transferred (filtered)")
 

@@ -15,17 +15,25 @@ namespace {
 constexpr uint32_t ANS_L = 1u << 16;
 constexpr int64_t GROUP = 32;  // lanes interleaved by one thread: independent dependency chains for ILP
 
+// fn(a, b) over lane ranges. Threads claim chunks of lane groups from a shared counter (not fixed shares), so a
+// thread slowed down by another process on its core does not hold the others up: more threads are never slower.
 template <class F>
 void parallel_lanes(int64_t lanes, int nthreads, F fn) {
-  int64_t groups = (lanes + GROUP - 1) / GROUP;
-  int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, groups));
+  const int64_t groups = (lanes + GROUP - 1) / GROUP;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, groups));
   if (nt == 1) { fn(0, lanes); return; }
+  const int64_t chunk = 1;  // one group of lanes (~0.5 ms): a preempted thread holds the others up the least
+  std::atomic<int64_t> next{0};
+  auto run = [&] {
+    for (;;) {
+      const int64_t g = next.fetch_add(chunk);
+      if (g >= groups) break;
+      fn(g * GROUP, std::min(lanes, (g + chunk) * GROUP));
+    }
+  };
   std::vector<std::thread> pool;
-  int64_t per = (groups + nt - 1) / nt;
-  for (int t = 0; t < nt; ++t) {
-    int64_t a = std::min(lanes, t * per * GROUP), b = std::min(lanes, (t + 1) * per * GROUP);
-    if (a < b) pool.emplace_back(fn, a, b);
-  }
+  for (int t = 1; t < nt; ++t) pool.emplace_back(run);
+  run();
   for (auto& th : pool) th.join();
 }
 
@@ -116,7 +124,8 @@ void ans_compact(const uint16_t* scratch, int64_t T, int64_t lanes, const int64_
   });
 }
 
-// Decode. `words` must hold offsets[lanes] + 1 entries (one pad word, so the branch-free read never leaves it).
+// Decode. `words` must hold offsets[lanes] + 1 entries (one pad word, so the branch-free read never leaves it);
+// `slot_sym` may be null (the slot table is then built from freq/cum).
 // Returns 0, or -(1 + j) for the first lane j whose stream is inconsistent (over/under-run or wrong end state).
 int64_t ans_decode(const uint16_t* words, const int64_t* offsets, const uint32_t* final_states, int64_t n,
                    int64_t lanes, const uint8_t* slot_sym, const uint32_t* freq, const uint32_t* cum, int prob_bits,
@@ -124,10 +133,19 @@ int64_t ans_decode(const uint16_t* words, const int64_t* offsets, const uint32_t
   const int64_t T = (n + lanes - 1) / lanes;
   const uint32_t mask = (1u << prob_bits) - 1;
   const int64_t total = offsets[lanes];
-  // per-slot table: freq (17 bits max) and slot - cum (16 bits) packed in 64 bits, symbol separately
+  // slot -> symbol (built here from freq/cum when slot_sym is null), then per slot: freq (17 bits max) and
+  // slot - cum (16 bits) packed in 64 bits
+  std::vector<uint8_t> sym_of((size_t)mask + 1, 0);
+  if (slot_sym != nullptr) {
+    std::memcpy(sym_of.data(), slot_sym, (size_t)mask + 1);
+  } else {
+    for (int s = 0; s < 256; ++s)
+      for (uint64_t sl = cum[s]; sl < (uint64_t)cum[s] + freq[s] && sl <= mask; ++sl) sym_of[sl] = (uint8_t)s;
+  }
+  const uint8_t* ss = sym_of.data();
   std::vector<uint64_t> tab((size_t)mask + 1);
   for (uint32_t sl = 0; sl <= mask; ++sl) {
-    const uint8_t s = slot_sym[sl];
+    const uint8_t s = ss[sl];
     tab[sl] = ((uint64_t)freq[s] << 32) | (uint64_t)(sl - cum[s]);
   }
   std::vector<uint8_t> badlane((size_t)lanes > 0 ? (size_t)lanes : 1, 0);
@@ -145,7 +163,7 @@ int64_t ans_decode(const uint16_t* words, const int64_t* offsets, const uint32_t
           uint32_t xv = x[g];
           const uint32_t sl = xv & mask;
           const uint64_t e = tab[sl];
-          op[g] = slot_sym[sl];
+          op[g] = ss[sl];
           xv = (uint32_t)(e >> 32) * (xv >> prob_bits) + (uint32_t)e;
           const bool in = xv < ANS_L;
           const int64_t q = p[g] < total ? p[g] : total;

@@ -7,6 +7,7 @@
 //   raw bits = the k bits of |d| below its leading one, LSB-first into 64-bit words; each block of `block` elements
 //              starts on a fresh word; block_words[b] = words used by block b.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -14,13 +15,19 @@
 
 namespace {
 
+// fn(t, b) for every block b, t = the calling thread's index. Threads claim blocks from a shared counter (not fixed
+// shares), so a thread slowed down by another process on its core does not hold the others up.
 template <class F>
 void parallel_blocks(int64_t nblocks, int nthreads, F fn) {
-  int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
-  if (nt == 1) { for (int64_t b = 0; b < nblocks; ++b) fn(b); return; }
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
+  if (nt == 1) { for (int64_t b = 0; b < nblocks; ++b) fn(0, b); return; }
+  std::atomic<int64_t> next{0};
+  auto run = [&](int t) {
+    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1)) fn(t, b);
+  };
   std::vector<std::thread> pool;
-  for (int t = 0; t < nt; ++t)
-    pool.emplace_back([=] { for (int64_t b = t; b < nblocks; b += nt) fn(b); });
+  for (int t = 1; t < nt; ++t) pool.emplace_back(run, t);
+  run(0);
   for (auto& th : pool) th.join();
 }
 
@@ -56,11 +63,11 @@ struct BitReader {  // `in` may be unaligned (it points into a container record)
   }
 };
 
-// One pass per element. Thread t codes a contiguous run of blocks into its own worst-case region of `words`
-// (stride = ceil(block * W / 64) + 1 words per block: the tails of a block take at most ceil(block * (W - 1) / 64)
-// words, and the branch-free writer may store one word past the end of a block),
-// one block after the other, each starting on a fresh word; a final in-order memmove closes the gaps between the
-// threads' runs. Symbol counts are gathered in the same pass (4 interleaved sub-histograms per thread).
+// One pass per element. Block b is coded into its own worst-case region of `words` (stride = ceil(block * W / 64) + 1
+// words: the tails of a block take at most ceil(block * (W - 1) / 64) words, and the branch-free writer may store one
+// word past the end of a block), starting on a fresh word; threads take blocks as they come (parallel_blocks); a final
+// in-order memmove closes the gaps. Symbol counts are gathered in the same pass (4 interleaved sub-histograms per
+// thread).
 template <class U>
 int64_t encode_t(const U* base, const U* ft, int64_t n, int shift, uint64_t mask, int64_t block, uint8_t* sym,
                  uint32_t* block_words, uint64_t* words, int64_t* counts, int nthreads) {
@@ -68,58 +75,42 @@ int64_t encode_t(const U* base, const U* ft, int64_t n, int shift, uint64_t mask
   const int64_t nblocks = (n + block - 1) / block;
   const int64_t maxw = (block * W + 63) / 64 + 1;  // stride of the per-block worst-case regions
   const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
-  std::vector<int64_t> used(nt, 0);
   std::vector<std::vector<uint32_t>> hist(nt, std::vector<uint32_t>(4 * 256, 0));
-  auto work = [&](int t) {
-    const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
-    uint64_t* const start = words + b0 * maxw;
-    uint64_t* out = start;
+  parallel_blocks(nblocks, nt, [&](int t, int64_t b) {
+    uint64_t* const out = words + b * maxw;
     uint32_t* h = hist[t].data();
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t a = b * block, e = std::min(n, a + block);
-      uint64_t acc = 0;
-      int fill = 0;
-      int64_t nw = 0;
-      for (int64_t i = a; i < e; ++i) {
-        const U p = base[i];
-        const U d = U(to_key<U>(ft[i]) - to_key<U>(p));
-        const int neg = (int)(d >> (W - 1));
-        const U mag = neg ? U(U(0) - d) : d;
-        const int k = msb<U>(U(mag | U(1)));
-        const uint64_t v = (uint64_t)mag & ~(uint64_t(1) << k);  // 0 when d == 0 (k == 0)
-        const int ctx = (int)((uint64_t(p) >> shift) & mask);
-        const uint8_t s = d ? (uint8_t)(1 + neg * W + ((k + ctx) & (W - 1))) : 0;
-        sym[i] = s;
-        h[((i & 3) << 8) | s]++;
-        // branch-free bit writer: store the current word every time, advance when it is full
-        acc |= v << fill;
-        out[nw] = acc;
-        const int nf = fill + k;
-        const bool spill = nf >= 64;
-        const uint64_t rest = v >> ((64 - fill) & 63);  // only used when spill (then 1 <= fill <= 63)
-        nw += spill;
-        acc = spill ? rest : acc;
-        fill = nf & 63;
-      }
-      if (fill) out[nw++] = acc;
-      block_words[b] = (uint32_t)nw;
-      out += nw;
+    const int64_t a = b * block, e = std::min(n, a + block);
+    uint64_t acc = 0;
+    int fill = 0;
+    int64_t nw = 0;
+    for (int64_t i = a; i < e; ++i) {
+      const U p = base[i];
+      const U d = U(to_key<U>(ft[i]) - to_key<U>(p));
+      const int neg = (int)(d >> (W - 1));
+      const U mag = neg ? U(U(0) - d) : d;
+      const int k = msb<U>(U(mag | U(1)));
+      const uint64_t v = (uint64_t)mag & ~(uint64_t(1) << k);  // 0 when d == 0 (k == 0)
+      const int ctx = (int)((uint64_t(p) >> shift) & mask);
+      const uint8_t s = d ? (uint8_t)(1 + neg * W + ((k + ctx) & (W - 1))) : 0;
+      sym[i] = s;
+      h[((i & 3) << 8) | s]++;
+      // branch-free bit writer: store the current word every time, advance when it is full
+      acc |= v << fill;
+      out[nw] = acc;
+      const int nf = fill + k;
+      const bool spill = nf >= 64;
+      const uint64_t rest = v >> ((64 - fill) & 63);  // only used when spill (then 1 <= fill <= 63)
+      nw += spill;
+      acc = spill ? rest : acc;
+      fill = nf & 63;
     }
-    used[t] = out - start;
-  };
-  if (nt == 1) {
-    work(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 1; t < nt; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (auto& th : pool) th.join();
-  }
-  int64_t total = used[0];
-  for (int t = 1; t < nt; ++t) {
-    const int64_t b0 = nblocks * t / nt;
-    if (used[t]) std::memmove(words + total, words + b0 * maxw, (size_t)used[t] * 8);
-    total += used[t];
+    if (fill) out[nw++] = acc;
+    block_words[b] = (uint32_t)nw;
+  });
+  int64_t total = 0;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    if (total != b * maxw && block_words[b]) std::memmove(words + total, words + b * maxw, (size_t)block_words[b] * 8);
+    total += block_words[b];
   }
   for (int t = 0; t < nt; ++t)
     for (int j = 0; j < 4 * 256; ++j) counts[j & 255] += hist[t][j];
@@ -132,7 +123,7 @@ int decode_t(const U* base, const uint8_t* sym, int64_t n, int shift, uint64_t m
   constexpr int W = sizeof(U) * 8;
   int64_t nblocks = (n + block - 1) / block;
   std::vector<int> err(nblocks, 0);
-  parallel_blocks(nblocks, nthreads, [&](int64_t b) {
+  parallel_blocks(nblocks, nthreads, [&](int, int64_t b) {
     int64_t a = b * block, e = std::min(n, a + block);
     BitReader br{words + 8 * block_off[b], (int64_t)block_words[b]};
     for (int64_t i = a; i < e; ++i) {
