@@ -204,7 +204,8 @@ def _tables(freqs: torch.Tensor, prob_bits: int) -> tuple[torch.Tensor, torch.Te
     """(freq (256,), cum (256,)) int64 on the CPU, computed in numpy: a torch op here may wake torch's thread pool,
     which costs milliseconds per call on a busy machine (it made 2 threads 2-4x slower than 1 on small tensors)."""
     f = np.zeros(256, np.int64)
-    f[: freqs.numel()] = freqs.cpu().numpy()
+    f[: freqs.numel()] = freqs.cpu().to(torch.int64, copy=True).numpy()  # a copy: a numpy view of FSDP2's
+    # all-gather buffer would make its storage non-resizable
     return torch.from_numpy(f), torch.from_numpy(np.cumsum(f) - f)
 
 

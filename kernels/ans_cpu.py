@@ -145,7 +145,12 @@ def decode(words: torch.Tensor, offsets: torch.Tensor, states: torch.Tensor, n: 
     # keep every converted tensor in a local: a temporary would be freed before the C call reads it
     # numpy, not torch.cat: a parallel torch op wakes torch's thread pool, whose spinning threads then compete with
     # ours for the cores (it made decoding on 2 threads slower than on 1)
-    padded = torch.from_numpy(np.concatenate([words.numpy(), np.zeros(1, np.int16)]))
+    # and no `words.numpy()`: a numpy view makes the words' storage non-resizable, and under FSDP2 those words are
+    # slices of its all-gather buffer, which it frees by resizing (memmove copies without a view or a torch op)
+    words = words.contiguous()
+    buf = np.zeros(words.numel() + 1, np.int16)
+    ctypes.memmove(buf.ctypes.data, words.data_ptr(), 2 * words.numel())
+    padded = torch.from_numpy(buf)
     st = to_i32_bits(states)
     off = offsets.to(torch.int64).contiguous()
     ss = None if slot_sym is None else slot_sym.contiguous()

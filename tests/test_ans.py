@@ -206,3 +206,18 @@ def test_gpu_round_trip_and_cross_device_bytes():
     assert torch.equal(ans_decode(enc), x)
     assert torch.equal(ans_decode(cpu, "cuda"), x)
     assert torch.equal(ans_decode(enc, "cpu"), x.cpu())
+
+
+def test_cpu_decode_leaves_its_inputs_resizable():
+    """FSDP2 frees its all-gather buffers by resizing their storage to 0; the NeuZip all-gather hands slices of those
+    buffers to the CPU decoder, which must not pin them (a numpy view of a tensor makes its storage non-resizable)."""
+    from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
+
+    sym = torch.randint(0, 7, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).to(torch.uint8)
+    enc = ans_encode(sym, lanes=4)
+    buf_words, buf_freqs = enc.words.clone(), enc.freqs.to(torch.int32).clone()
+    view = ANSEncoded(buf_words[: enc.words.numel()], enc.lane_offsets, enc.final_states, buf_freqs[:], enc.n,
+                      enc.lanes, enc.prob_bits)
+    assert torch.equal(ans_decode(view), sym)
+    for t in (buf_words, buf_freqs):
+        t.untyped_storage().resize_(0)  # raises "Trying to resize storage that is not resizable" if pinned
