@@ -2,9 +2,8 @@
 buffers, directly and inside a torch.save checkpoint. Each must raise ValueError with a message, or (for bits the
 decoder never reads, e.g. the mantissa-bits field of an empty tensor) decode to the original bit for bit.
 
-Known gap, kept visible by a strict xfail: the v1 header's dtype code and block size are not covered by its crc32,
-so flipping them decodes to another tensor (the fix, a checksum over the header too, changes the format and is
-proposed in issue 17's report)."""
+Format v2's crc32 covers the header too (v1 left the dtype code and block size unchecked, so flipping them decoded
+to another tensor); v1 buffers still read."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from untrusted import specials
 from memfit.quant.neuzip import NeuZipTensor
 
 SEED = 17
-UNPROTECTED = {5, 8, 9, 10, 11}  # header offsets: dtype code (u8 at 5) and block (u32 at 8..11)
+UNPROTECTED: set[int] = set()  # v2: every byte is under the checksum (v1 left the dtype code and block size out)
 STATS: Counter = Counter()
 
 
@@ -88,10 +87,25 @@ def test_mutated_checkpoint_fails_in_torch_load() -> None:
         STATS["refused"] += 1
 
 
-@pytest.mark.xfail(strict=True, reason="NeuZip v1's crc32 does not cover its header (dtype code, block size)")
 def test_header_fields_are_checked() -> None:
     z = NeuZipTensor.from_dense(tensors()[0][0])
     b = bytearray(z.to_bytes())
-    b[5] ^= 1  # bf16 -> fp16
-    with pytest.raises(ValueError):
-        NeuZipTensor.from_bytes(bytes(b))
+    for pos in (5, 8, 9, 10, 11):  # dtype code (bf16 <-> fp16), block size
+        c = bytearray(b)
+        c[pos] ^= 1
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            NeuZipTensor.from_bytes(bytes(c))
+
+
+def test_version_1_buffers_still_read() -> None:
+    """A v1 buffer (crc32 over the body only) decodes to the same tensor, bit for bit."""
+    import struct
+    import zlib
+
+    w = tensors()[0][0]
+    b = bytearray(NeuZipTensor.from_dense(w).to_bytes())
+    head = struct.Struct("<4sBBBBIQQQI")
+    fields = list(head.unpack_from(b))
+    fields[1], fields[-1] = 1, zlib.crc32(bytes(b[head.size:]))
+    b[: head.size] = head.pack(*fields)
+    assert torch.equal(NeuZipTensor.from_bytes(bytes(b)).dequantize().view(torch.int16), w.view(torch.int16))

@@ -27,10 +27,10 @@ from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
 from memfit.quant import neuzip_codec as codec
 
 _MAGIC = b"NZIP"
-_VERSION = 1
+_VERSION = 2  # v2: the crc32 also covers the header (v1's left dtype and block size unchecked); v1 still reads
 _DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # magic, version, dtype code, mantissa bits, ndim, block (0 = none), ans bytes, packed bytes, scales count, crc32 of
-# everything after the header (the rANS part has its own checksum too; this one also covers packed bits and scales)
+# the header (its crc field zeroed) and everything after it (the rANS part has its own checksum too)
 _HEAD = struct.Struct("<4sBBBBIQQQI")
 SYMBOLS_PER_LANE = 256  # ~2.6e5 lanes per 128 MB: enough for a GPU to hide the per-step latency (+0.14 bit/weight vs 2048)
 
@@ -121,10 +121,9 @@ class NeuZipTensor(torch.Tensor):
         a = self.enc.to_bytes()
         sc = b"" if self.scales is None else self.scales.float().cpu().numpy().astype("<f4").tobytes()
         body = b"".join([struct.pack(f"<{self.dim()}q", *self.shape), a, self.packed.cpu().numpy().tobytes(), sc])
-        head = _HEAD.pack(_MAGIC, _VERSION, _DTYPES.index(self.dtype), self.mantissa_bits, self.dim(),
-                          self.block or 0, len(a), self.packed.numel(), 0 if self.scales is None else self.scales.numel(),
-                          zlib.crc32(body))
-        return head + body
+        fields = (_MAGIC, _VERSION, _DTYPES.index(self.dtype), self.mantissa_bits, self.dim(), self.block or 0, len(a),
+                  self.packed.numel(), 0 if self.scales is None else self.scales.numel())
+        return _HEAD.pack(*fields, zlib.crc32(body, zlib.crc32(_HEAD.pack(*fields, 0)))) + body
 
     @classmethod
     def from_bytes(cls, buf: bytes | bytearray | memoryview, device: torch.device | str = "cpu") -> NeuZipTensor:
@@ -133,8 +132,8 @@ class NeuZipTensor(torch.Tensor):
         if len(buf) < _HEAD.size:
             raise ValueError(f"NeuZip buffer truncated: {len(buf)} bytes, header needs {_HEAD.size}")
         magic, ver, dcode, k, ndim, block, na, npk, nsc, crc = _HEAD.unpack_from(buf)
-        if magic != _MAGIC or ver != _VERSION:
-            raise ValueError(f"not a NeuZip v{_VERSION} buffer (magic {bytes(magic)!r}, version {ver})")
+        if magic != _MAGIC or ver not in (1, _VERSION):
+            raise ValueError(f"not a NeuZip v1/v{_VERSION} buffer (magic {bytes(magic)!r}, version {ver})")
         if dcode >= len(_DTYPES):
             raise ValueError(f"corrupt NeuZip header: dtype code {dcode}")
         dtype = _DTYPES[dcode]
@@ -142,7 +141,8 @@ class NeuZipTensor(torch.Tensor):
         need = _HEAD.size + 8 * ndim + na + npk + 4 * nsc
         if len(buf) != need:
             raise ValueError(f"NeuZip buffer is {len(buf)} bytes, its header describes {need} (truncated or padded)")
-        if zlib.crc32(buf[_HEAD.size:]) != crc:
+        head_crc = 0 if ver == 1 else zlib.crc32(_HEAD.pack(magic, ver, dcode, k, ndim, block, na, npk, nsc, 0))
+        if zlib.crc32(buf[_HEAD.size:], head_crc) != crc:
             raise ValueError("corrupt NeuZip buffer: checksum mismatch")
         pos = _HEAD.size + 8 * ndim
         shape = torch.Size(struct.unpack_from(f"<{ndim}q", buf, _HEAD.size))
