@@ -56,7 +56,7 @@ class Probe(L.Callback):
                 self.weight_bytes += w.compressed_nbytes if isinstance(w, NeuZipTensor) else w.numel() * w.element_size()
                 self.state_bytes += sum(v.numel() * v.element_size() for v in opt_state.get(w, {}).values()
                                         if torch.is_tensor(v) and v.dim() > 0)
-        opt = getattr(pl_module.model, "neuzip_optimizer", None)
+        opt = next((c.inner for c in trainer.callbacks if type(c).__name__ == "CompressedTraining"), None)
         if opt is not None:
             self.state_bytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                                    if torch.is_tensor(v))

@@ -15,35 +15,35 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 NONE_ADAPTER = OmegaConf.create({"name": "none"})
-DENSE_STORAGE = OmegaConf.create({"name": "dense"})
 
 
-def adapt(model: nn.Module, adapter_cfg: DictConfig | None = None,
-          storage_cfg: DictConfig | None = None) -> nn.Module:
-    """Apply the adapter, then the weight storage, to a built model (the second half of `assemble_parts`)."""
+def adapt(model: nn.Module, adapter_cfg: DictConfig | None = None, storage: Any = None) -> nn.Module:
+    """Apply the adapter (which asks the storage for its quantizer), then the storage, to a built model. `storage` is
+    a storage object (memfit.quant.storage) or a `storage` config node; None is dense."""
     from memfit.adapters import apply_adapter
-    from memfit.quant import apply_storage
+    from memfit.quant.storage import build_storage
 
-    adapter_cfg = NONE_ADAPTER if adapter_cfg is None else adapter_cfg
-    storage_cfg = DENSE_STORAGE if storage_cfg is None else storage_cfg
-    return apply_storage(apply_adapter(model, adapter_cfg, storage=storage_cfg), storage_cfg)
+    store = build_storage(storage)
+    model = apply_adapter(model, NONE_ADAPTER if adapter_cfg is None else adapter_cfg, storage=store)
+    return store.apply(model)
 
 
-def assemble_parts(model_cfg: DictConfig, adapter_cfg: DictConfig | None = None,
-                   storage_cfg: DictConfig | None = None, cache_dir: str | Path = ".cache/memfit",
-                   seq_len: int | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a `model` config node plus optional `adapter` and `storage` nodes; `seq_len` (the
-    data's max_length) decides `model.activation_checkpointing: auto`."""
+def assemble_parts(model_cfg: DictConfig, adapter_cfg: DictConfig | None = None, storage: Any = None,
+                   cache_dir: str | Path = ".cache/memfit", seq_len: int | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a `model` config node plus an optional `adapter` node and storage (object or node);
+    `seq_len` (the data's max_length) decides `model.activation_checkpointing: auto`."""
     from memfit.models import checkpointing
     from memfit.models.build import build_model
 
     model, tokenizer = build_model(model_cfg, Path(cache_dir).expanduser().resolve())
     if checkpointing.wanted(model_cfg.get("activation_checkpointing", False), seq_len):
         checkpointing.enable(model)
-    return adapt(model, adapter_cfg, storage_cfg), tokenizer
+    return adapt(model, adapter_cfg, storage), tokenizer
 
 
-def assemble(cfg: DictConfig) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a composed run config (its `model`, `adapter`, `storage` and `paths.cache_dir`)."""
+def assemble(cfg: DictConfig, storage: Any = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a composed run config (its `model`, `adapter`, `storage` and `paths.cache_dir`); pass
+    the run's storage object as `storage` to keep it (its callbacks come from it)."""
     seq_len = OmegaConf.select(cfg, "data.max_length", default=None)
-    return assemble_parts(cfg.model, cfg.get("adapter"), cfg.get("storage"), cfg.paths.cache_dir, seq_len)
+    return assemble_parts(cfg.model, cfg.get("adapter"), storage if storage is not None else cfg.get("storage"),
+                          cfg.paths.cache_dir, seq_len)

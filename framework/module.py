@@ -65,31 +65,6 @@ class LMModule(L.LightningModule):
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         return self.loss_fn(hidden, head.weight, batch["labels"], bias=getattr(head, "bias", None), shift=1, softcap=softcap)
 
-    @property
-    def neuzip_optimizer(self) -> Any:
-        """The in-backward optimizer of weights trained compressed (storage.train_compressed), if any."""
-        return getattr(self.model, "neuzip_optimizer", None)
-
-    def on_fit_start(self) -> None:
-        if self.neuzip_optimizer is not None and getattr(self.trainer.strategy, "shard", None) is not None:
-            raise ValueError("storage.train_compressed=true is not supported with trainer=fsdp (each rank would "
-                             "update a compressed shard inside backward); use one device or trainer=ddp")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.neuzip_optimizer is not None:
-            self.neuzip_optimizer.begin_step()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.neuzip_optimizer is not None:
-            checkpoint["neuzip_optimizer"] = self.neuzip_optimizer.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.neuzip_optimizer is not None:
-            if "neuzip_optimizer" not in checkpoint:
-                raise ValueError("checkpoint has no state for the compressed-trained weights "
-                                 "(storage.train_compressed=true): it was written by a different run configuration")
-            self.neuzip_optimizer.load_state_dict(checkpoint["neuzip_optimizer"])
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
@@ -178,8 +153,6 @@ class LMModule(L.LightningModule):
         if not params:
             raise ValueError("no trainable parameters: check adapter.targets / the adapter config")
         opt = self.optimizer_factory(params)
-        if self.neuzip_optimizer is not None:  # compressed weights follow this optimizer's rule and learning rate
-            self.neuzip_optimizer.bind(opt)
         if self.scheduler_factory is None:
             return opt
         sched = self.scheduler_factory(opt)

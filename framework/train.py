@@ -28,6 +28,7 @@ from memfit.callbacks.monitor import ThroughputMonitor
 from memfit.config import build, check_choice
 from memfit.module import LMModule
 from memfit.parallel.slurm import SlurmRequeue, on_slurm
+from memfit.quant.storage import build_storage
 from memfit.report import print_summary
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,7 @@ def validate(cfg: DictConfig) -> None:
             names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise TypeError(f"{key}={value!r} has the wrong type: expected {names}")
     validate_numbers(cfg)
-    if OmegaConf.select(cfg, "storage.train_compressed", default=False):
-        if cfg.adapter.get("name") != "none":
-            raise ValueError("storage.train_compressed=true is full fine-tuning with compressed weights: it needs "
-                             f"adapter=none, got adapter={cfg.adapter.get('name')}")
-        if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-            raise ValueError("storage.train_compressed=true is not supported with trainer=fsdp (each rank would update "
-                             "a compressed shard inside backward); use trainer=gpu (one device) or trainer=ddp")
-        if int(cfg.trainer.get("accumulate_grad_batches", 1) or 1) != 1 or cfg.trainer.get("gradient_clip_val"):
-            raise ValueError("storage.train_compressed=true updates each weight inside backward: it cannot "
-                             "accumulate gradients (trainer.accumulate_grad_batches=1) or clip them "
-                             "(trainer.gradient_clip_val=null)")
+    build_storage(cfg.get("storage")).check(cfg)
     if cfg.get("save_adapter"):
         if cfg.adapter.get("name", "none") == "none":
             raise ValueError("save_adapter=DIR exports a trained adapter in peft format: it needs adapter=lora|pissa|"
@@ -155,10 +146,9 @@ def fp32_master_weights(model: torch.nn.Module, precision: str) -> int:
     return cast
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts. Weights trained compressed (storage.train_compressed) count as trainable:
-    the model's in-backward optimizer updates them, so they carry requires_grad=False for the Lightning one only."""
-    in_backward = set(getattr(getattr(model, "neuzip_optimizer", None), "names", ()))
+def count_parameters(model: torch.nn.Module, in_backward: set[str] = frozenset()) -> tuple[int, int]:
+    """(trainable, total) parameter counts. Weights the storage trains itself (`in_backward`, e.g. compressed full
+    fine-tuning) count as trainable: they carry requires_grad=False for the Lightning optimizer only."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad or n in in_backward)
     return trainable, total
@@ -200,7 +190,8 @@ def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
-    model, tokenizer = assemble(cfg)
+    storage = build_storage(cfg.get("storage"))
+    model, tokenizer = assemble(cfg, storage)
     fp32_master_weights(model, str(cfg.trainer.get("precision", "32-true")))
 
     datamodule = instantiate(cfg.data)
@@ -211,11 +202,11 @@ def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
         generate_batches=cfg.eval.generate_batches, task_names=getattr(datamodule, "tasks", None),
     )
     logger = make_logger(cfg)
-    callbacks = make_callbacks(cfg, callbacks, has_logger=bool(logger))
+    callbacks = make_callbacks(cfg, [*storage.callbacks(), *callbacks], has_logger=bool(logger))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     results: dict[str, Any] = {"config": cfg}
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(model, storage.trained_in_backward())
     results.update(trainable_params=trainable, total_params=total)
     can_test = cfg.eval.test and hasattr(datamodule, "sizes") and datamodule.sizes.get("test", 0) > 0
     resuming = on_slurm() and trainer._checkpoint_connector._hpc_resume_path is not None  # a requeued job

@@ -291,7 +291,7 @@ def test_error_messages():
     q.weight = nn.Parameter(q.weight.detach().as_subclass(Packed), requires_grad=False)
     with pytest.raises(TypeError, match="already stored as Packed.*QPiSSA"):
         adapt(model, init="pissa")
-    with pytest.raises(ValueError, match="needs a quantized storage"):
+    with pytest.raises(ValueError, match="adapter=loftq fits the quantization error of a lossy storage.*storage=dense"):
         apply_adapter(tiny_llama(), OmegaConf.create({"name": "loftq", "rank": 2, "targets": ["q_proj"]}),
                       storage=OmegaConf.create({"name": "dense"}))
     with pytest.raises(ValueError, match="adapter.name='dora' is not a valid option"):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from memfit.quant import NeuZipTensor
-from memfit.quant.neuzip_train import apply_trainable_neuzip
+from memfit.quant.neuzip_train import STATE_KEY, InBackwardOptimizer, apply_trainable_neuzip
 from memfit.train import run
 
 OPTIMIZERS = {
@@ -34,16 +34,22 @@ def storage(**kw) -> OmegaConf:
     return OmegaConf.create({"name": "neuzip", "mantissa_bits": None, "block_size": None, "min_numel": 0, **kw})
 
 
-def train(model: nn.Module, make_opt, steps: int, compressed: bool, device: str = "cpu") -> list[float]:
+def compressed(model: nn.Module, **kw) -> tuple[nn.Module, InBackwardOptimizer]:
+    """`model` with its trainable Linear weights compressed, and the in-backward optimizer that trains them."""
+    return model, apply_trainable_neuzip(model, storage(**kw))
+
+
+def train(model: nn.Module, make_opt, steps: int, inner: InBackwardOptimizer | None = None,
+          device: str = "cpu") -> list[float]:
     opt = make_opt([p for p in model.parameters() if p.requires_grad])
-    if compressed:
-        model.neuzip_optimizer.bind(opt)
+    if inner is not None:
+        inner.bind(opt)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
         x, y = torch.randn(16, 48, generator=gen).to(device), torch.randn(16, 40, generator=gen).to(device)
-        if compressed:
-            model.neuzip_optimizer.begin_step()
+        if inner is not None:
+            inner.begin_step()
         loss = (model(x) - y).square().mean()
         loss.backward()
         opt.step()
@@ -55,13 +61,13 @@ def train(model: nn.Module, make_opt, steps: int, compressed: bool, device: str 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_in_backward_update_equals_torch_optimizer(name):
     ref = mlp()
-    ours = apply_trainable_neuzip(copy.deepcopy(ref), storage())
+    ours, inner = compressed(copy.deepcopy(ref))
     assert isinstance(ours[0].weight, NeuZipTensor) and not ours[0].weight.requires_grad
     assert ours[0].bias.requires_grad  # small dense parameters stay with the ordinary optimizer
     moved = ours[0].weight._s.moved("cpu")  # what .to(device) builds: the trainer link must survive it
-    assert moved.trainer is ours.neuzip_optimizer and moved.name == "0.weight"
-    l_ref = train(ref, OPTIMIZERS[name], 4, compressed=False)
-    l_ours = train(ours, OPTIMIZERS[name], 4, compressed=True)
+    assert moved.trainer is inner and moved.name == "0.weight"
+    l_ref = train(ref, OPTIMIZERS[name], 4)
+    l_ours = train(ours, OPTIMIZERS[name], 4, inner)
     torch.testing.assert_close(torch.tensor(l_ours), torch.tensor(l_ref), rtol=1e-6, atol=1e-7)
     for i in (0, 2):
         w = ours[i].weight
@@ -75,10 +81,10 @@ def test_in_backward_update_equals_torch_optimizer(name):
 def test_gpu_in_backward_update_equals_torch_optimizer(name):
     """The same on CUDA: fused Triton decode in forward/backward, re-compression on the device."""
     ref = mlp().cuda()
-    ours = apply_trainable_neuzip(copy.deepcopy(ref), storage())
+    ours, inner = compressed(copy.deepcopy(ref))
     assert ours[0].weight.device.type == "cuda"
-    l_ref = train(ref, OPTIMIZERS[name], 4, compressed=False, device="cuda")
-    l_ours = train(ours, OPTIMIZERS[name], 4, compressed=True, device="cuda")
+    l_ref = train(ref, OPTIMIZERS[name], 4, device="cuda")
+    l_ours = train(ours, OPTIMIZERS[name], 4, inner, device="cuda")
     torch.testing.assert_close(torch.tensor(l_ours), torch.tensor(l_ref), rtol=1e-5, atol=1e-6)
     for i in (0, 2):
         torch.testing.assert_close(ours[i].weight.dequantize(), ref[i].weight.detach(), rtol=1e-4, atol=1e-6)
@@ -87,7 +93,7 @@ def test_gpu_in_backward_update_equals_torch_optimizer(name):
 def test_lossy_recompression_within_rounding_bound():
     """k=3: after an SGD step every stored weight keeps 3 mantissa bits and is within half an ulp (2^-4 relative) of
     the exact float64 update of the previously stored weight (gradient from a float64 twin)."""
-    model = apply_trainable_neuzip(mlp(), storage(mantissa_bits=3))
+    model, inner = compressed(mlp(), mantissa_bits=3)
     low = (1 << 20) - 1  # fp32 mantissa bits below the top 3
     w0 = {i: model[i].weight.dequantize().double() for i in (0, 2)}
     assert all((w.float().view(torch.int32) & low).eq(0).all() for w in w0.values())
@@ -99,8 +105,8 @@ def test_lossy_recompression_within_rounding_bound():
     x, y = torch.randn(16, 48), torch.randn(16, 40)
     (twin(x.double()) - y.double()).square().mean().backward()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model.neuzip_optimizer.bind(opt)
-    model.neuzip_optimizer.begin_step()
+    inner.bind(opt)
+    inner.begin_step()
     (model(x) - y).square().mean().backward()
     for i in (0, 2):
         exact = w0[i] - 0.1 * twin[i].weight.grad
@@ -111,9 +117,9 @@ def test_lossy_recompression_within_rounding_bound():
 
 
 def test_bad_setups_fail_clearly():
-    model = apply_trainable_neuzip(mlp(), storage())
+    model, inner = compressed(mlp())
     with pytest.raises(ValueError, match="SGD or torch.optim.AdamW"):
-        model.neuzip_optimizer.bind(torch.optim.Adagrad([model[0].bias]))
+        inner.bind(torch.optim.Adagrad([model[0].bias]))
     with pytest.raises(RuntimeError, match="before bind"):
         model(torch.randn(2, 48)).sum().backward()
     frozen = mlp().requires_grad_(False)
@@ -179,12 +185,12 @@ def test_resume_restores_compressed_weights_and_state(fast_cfg, tmp_path, monkey
     ckpt = tmp_path / "run" / "checkpoints" / "step000003.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     if callbacks[0] == "callbacks=default":
-        assert "neuzip_optimizer" in saved
+        assert STATE_KEY in saved
     else:  # zlib bytes inside the FM-Delta blob, restored to the same moments on load
         from memfit.callbacks.fmdelta import KEY, generic_decompress
 
-        payload = saved[KEY]["neuzip_optimizer"]  # raw uint8 storage in the .ckpt, not pickled bytes
-        assert "neuzip_optimizer" not in saved and isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8
+        payload = saved[KEY][STATE_KEY]  # raw uint8 storage in the .ckpt, not pickled bytes
+        assert STATE_KEY not in saved and isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8
         moments = torch.load(io.BytesIO(generic_decompress(payload.numpy().tobytes(), "zlib")))
         assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(moments.values())))
     _record(monkeypatch, resumed)

@@ -1,14 +1,15 @@
 """Low-rank adapters (LoRA / PiSSA / QPiSSA / LoftQ) applied to a model from the `adapter` config group.
 
-QPiSSA is `adapter=pissa storage=nf4`: the storage config tells the init that the frozen base will be quantized, so it
-runs the quantization-aware iterations with the very quantizer the storage step applies afterwards.
+QPiSSA is `adapter=pissa storage=nf4`: the storage object hands the init its quantizer (the round trip the frozen base
+will go through), so it runs the quantization-aware iterations with the very quantizer the storage step applies
+afterwards; a lossless storage has none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -20,33 +21,18 @@ from memfit.adapters.layer import LowRankAdapter, adapter_layers
 from memfit.config import check_choice
 
 ADAPTERS = ("none", "lora", "pissa", "loftq")
-# storages whose frozen weights are lossy: PiSSA iterates against them (QPiSSA), LoftQ fits their error
-QUANTIZED_STORAGES = ("nf4",)
 
 __all__ = ["ADAPTERS", "AdapterSpec", "LoraFactors", "LowRankAdapter", "adapter_layers", "adapter_state",
            "apply_adapter", "convert_to_lora", "export_peft", "merge", "merged_copy", "nf4_quantizer", "spec_from_cfg"]
 
 
 def nf4_quantizer(storage: DictConfig | dict) -> Callable[[nn.Module], Quantizer]:
-    """For a base layer: (out, in) fp32 -> fp32 dequantization of exactly what `storage=nf4` will store (same dtype
-    cast, same memory layout, same block size)."""
-    from memfit.quant import NF4Tensor
+    """The quantizer of an NF4 storage config (its block size and double quantization)."""
+    from memfit.quant.storage import NF4Storage
 
-    block = int(storage.get("block_size", 64))
-    double = bool(storage.get("double_quant", False))
-
-    def for_layer(base: nn.Module) -> Quantizer:
-        dtype = base.weight.dtype
-        transposed = type(base).__name__ == "Conv1D"
-
-        def quantize(w: torch.Tensor) -> torch.Tensor:
-            stored = (w.t() if transposed else w).to(dtype).contiguous()
-            deq = NF4Tensor.from_dense(stored, block_size=block, double_quant=double).dequantize().float()
-            return deq.t() if transposed else deq
-
-        return quantize
-
-    return for_layer
+    fields = dict(storage)
+    fields.pop("_target_", None)
+    return NF4Storage(**{"name": "nf4", **fields}).quantizer()
 
 
 def spec_from_cfg(cfg: DictConfig | dict, quantized: bool = False) -> AdapterSpec:
@@ -64,21 +50,23 @@ def spec_from_cfg(cfg: DictConfig | dict, quantized: bool = False) -> AdapterSpe
     )
 
 
-def apply_adapter(model: nn.Module, cfg: DictConfig, storage: DictConfig | None = None) -> nn.Module:
-    """`adapter=none` trains every weight (full fine-tuning); otherwise only the adapter factors train. `storage`
-    tells inits that quantize (QPiSSA, LoftQ) which format the frozen base will be stored in; `apply_storage`
-    converts it afterwards."""
+def apply_adapter(model: nn.Module, cfg: DictConfig, storage: Any = None) -> nn.Module:
+    """`adapter=none` trains every weight (full fine-tuning); otherwise only the adapter factors train. `storage` (a
+    storage object or config) gives inits that quantize (QPiSSA, LoftQ) the quantizer of the format the frozen base
+    will be stored in; the storage converts it afterwards."""
     name = cfg.get("name", "none")
     check_choice("adapter.name", name, ADAPTERS)
     if name == "none":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    storage_name = (storage or {}).get("name", "dense")
-    quantized = storage_name in QUANTIZED_STORAGES
-    quantize_for = nf4_quantizer(storage) if quantized else None
+    from memfit.quant.storage import build_storage
+
+    store = build_storage(storage)
+    quantize_for = store.quantizer()
+    quantized = quantize_for is not None
     if name == "loftq" and not quantized:
-        raise ValueError(f"adapter=loftq needs a quantized storage ({', '.join(QUANTIZED_STORAGES)}), "
-                         f"got storage={storage_name}")
+        raise ValueError(f"adapter=loftq fits the quantization error of a lossy storage (storage=nf4), got "
+                         f"storage={store.name}, which stores the base exactly")
     inject(model, spec_from_cfg(cfg, quantized), quantize_for if name != "lora" else None)
     return model

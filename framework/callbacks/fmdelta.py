@@ -35,7 +35,7 @@ CODECS = ("none", "zlib", "lzma", "zstd")
 KEY = "fmdelta"
 # optimizer state the generic codec covers: Lightning's, and the in-backward optimizer's of weights trained compressed
 # (storage.train_compressed: its momentum / Adam moments live under the LightningModule's own key)
-OPTIMIZER_KEYS = ("optimizer_states", "neuzip_optimizer")
+OPTIMIZER_KEYS = ("optimizer_states", "optimizer_states_in_backward", "neuzip_optimizer")  # the last: older files
 
 
 def generic_compress(data: bytes, codec: str, level: int | None = None) -> bytes:

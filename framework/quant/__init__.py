@@ -1,7 +1,7 @@
 """Frozen-weight storage formats (dense, NF4, NeuZip) applied from the `storage` config group.
 
-Each format lives in its own module and registers an `apply_*` function here by dotted path, so this file stays a
-thin dispatcher and importing `memfit.quant` stays cheap.
+Each format is a storage object (memfit.quant.storage) that the `storage` config group instantiates; this file keeps
+the names and a thin `apply_storage`, and importing `memfit.quant` stays cheap.
 """
 
 from __future__ import annotations
@@ -9,18 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from omegaconf import DictConfig
 from torch import nn
 
-from memfit.config import check_choice
-
-# storage name -> "module:function" taking (model, cfg) and returning the model with its frozen weights converted
-STORAGES: dict[str, str | None] = {
-    "dense": None,
-    "nf4": "memfit.quant.nf4_apply:apply_nf4",
-    "neuzip": "memfit.quant.neuzip:apply_neuzip",
-    "neuzip_lossy": "memfit.quant.neuzip:apply_neuzip",
-}
+# the storage formats of the `storage` config group, by name (conf/storage/*.yaml instantiate their classes)
+STORAGES: dict[str, str] = {"dense": "Storage", "nf4": "NF4Storage", "neuzip": "NeuZipStorage",
+                            "neuzip_lossy": "NeuZipStorage"}
 
 # public tensor types, imported lazily: `from memfit.quant import NF4Tensor`
 _EXPORTS = {
@@ -29,15 +22,12 @@ _EXPORTS = {
 }
 
 
-def apply_storage(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """Convert the frozen (requires_grad=False) weights of `model` to the configured storage."""
-    name = cfg.get("name", "dense")
-    check_choice("storage.name", name, STORAGES)
-    target = STORAGES[name]
-    if target is None:
-        return model
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)(model, cfg)
+def apply_storage(model: nn.Module, cfg: Any) -> nn.Module:
+    """Convert the frozen (requires_grad=False) weights of `model` to the configured storage (a config node, a dict or
+    a storage object)."""
+    from memfit.quant.storage import build_storage
+
+    return build_storage(cfg).apply(model)
 
 
 def __getattr__(name: str) -> Any:

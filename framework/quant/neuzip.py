@@ -352,9 +352,10 @@ def lane_length(cfg: Any) -> int:
     return spl
 
 
-def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
+def apply_neuzip(model: nn.Module, cfg: Any) -> tuple[nn.Module, Any]:
     """Replace frozen Linear (and optionally Embedding / lm_head) weights by NeuZipTensors, in place; with
-    `train_compressed` also the trainable Linear weights, updated inside backward (framework/quant/neuzip_train.py)."""
+    `train_compressed` also the trainable Linear weights, updated inside backward (framework/quant/neuzip_train.py).
+    Returns (model, the in-backward optimizer of those weights or None)."""
     k = cfg.get("mantissa_bits", None)
     if cfg.get("name") == "neuzip_lossy" and k not in (0, 1, 3):
         raise ValueError(f"storage=neuzip_lossy needs mantissa_bits in [0, 1, 3], got {k}")
@@ -362,10 +363,11 @@ def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     include_embeddings = bool(cfg.get("include_embeddings", False))
     min_numel = int(cfg.get("min_numel", 4096))
     spl = lane_length(cfg)
+    trainer = None
     if cfg.get("train_compressed", False):  # full fine-tuning with the trained Linear weights compressed
         from memfit.quant.neuzip_train import apply_trainable_neuzip
 
-        apply_trainable_neuzip(model, cfg)
+        trainer = apply_trainable_neuzip(model, cfg)
     for name, mod in model.named_modules():
         is_lin = isinstance(mod, nn.Linear)
         is_emb = isinstance(mod, nn.Embedding) or name.endswith("lm_head")
@@ -378,4 +380,4 @@ def apply_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
             continue
         mod.weight = nn.Parameter(NeuZipTensor.from_dense(w.data, k, block=block, symbols_per_lane=spl),
                                   requires_grad=False)
-    return model
+    return model, trainer

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,9 +134,9 @@ def trained_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None) 
     return _TrainedNeuZipLinear.apply(x, _ANCHOR, w, bias, w._s.trainer)
 
 
-def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
-    """Compress every TRAINABLE Linear weight (>= min_numel elements; lm_head only with include_embeddings) and attach
-    one InBackwardOptimizer, `model.neuzip_optimizer`, that LMModule binds to the run's optimizer."""
+def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> InBackwardOptimizer:
+    """Compress every TRAINABLE Linear weight (>= min_numel elements; lm_head only with include_embeddings); returns
+    the InBackwardOptimizer that updates them (the storage object hands it to `CompressedTraining`)."""
     k = cfg.get("mantissa_bits", None)
     block, min_numel = cfg.get("block_size", None), int(cfg.get("min_numel", 4096))
     spl = lane_length(cfg)
@@ -158,5 +159,35 @@ def apply_trainable_neuzip(model: nn.Module, cfg: Any) -> nn.Module:
     if not opt.names:
         raise ValueError("storage.train_compressed=true found no trainable Linear weight to compress "
                          "(use adapter=none for full fine-tuning)")
-    model.neuzip_optimizer = opt
-    return model
+    return opt
+
+
+STATE_KEY = "optimizer_states_in_backward"  # FM-Delta compresses every optimizer_states* entry of a checkpoint
+LEGACY_STATE_KEYS = ("neuzip_optimizer",)  # the key of checkpoints written before
+
+
+class CompressedTraining(L.Callback):
+    """Runs the in-backward optimizer of `storage.train_compressed`: binds it to the run's optimizer (its update rule,
+    hyper-parameters and scheduled learning rate), starts each step, and saves/restores its state in checkpoints."""
+
+    def __init__(self, trainer: InBackwardOptimizer):
+        self.inner = trainer
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.inner.bind(trainer.optimizers[0])
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.inner.begin_step()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[STATE_KEY] = self.inner.state_dict()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        key = next((k for k in (STATE_KEY, *LEGACY_STATE_KEYS) if k in checkpoint), None)
+        if key is None:
+            raise ValueError("checkpoint has no state for the compressed-trained weights "
+                             "(storage.train_compressed=true): it was written by a different run configuration")
+        self.inner.load_state_dict(checkpoint[key])
