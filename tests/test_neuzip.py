@@ -14,7 +14,8 @@ from torch import nn
 
 from memfit.quant import STORAGES, apply_storage
 from memfit.quant import neuzip_codec as codec
-from memfit.quant.neuzip import NeuZipTensor, apply_neuzip, shard_rows
+from memfit.quant.neuzip import NeuZipTensor, shard_rows
+from memfit.quant.neuzip_apply import apply_neuzip
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -1,7 +1,7 @@
 """Frozen-weight storage formats (dense, NF4, NeuZip) applied from the `storage` config group.
 
 Each format is a storage object (memfit.quant.storage) that the `storage` config group instantiates; this file keeps
-the names and a thin `apply_storage`, and importing `memfit.quant` stays cheap.
+the names, a thin `apply_storage`, and loads the formats' op modules (which fill their tensor classes' op tables).
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import importlib
 from typing import Any
 
 from torch import nn
+
+# the formats' op tables and F.linear hooks, filled as the package loads (the tensor modules never import them)
+from memfit.quant import neuzip_ops, neuzip_prefetch, nf4_ops  # noqa: E402,F401  isort: skip
 
 # the storage formats of the `storage` config group, by name (conf/storage/*.yaml instantiate their classes)
 STORAGES: dict[str, str] = {"dense": "Storage", "nf4": "NF4Storage", "neuzip": "NeuZipStorage",

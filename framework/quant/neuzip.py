@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
 from memfit.quant import neuzip_codec as codec
+from memfit.quant.subclass import StorageTensor, contiguous_strides
 
 _MAGIC = b"NZIP"
 _VERSION = 2  # v2: the crc32 also covers the header (v1's left dtype and block size unchecked); v1 still reads
@@ -61,7 +62,7 @@ def _store_prop(name: str) -> property:
     return property(lambda self: getattr(self._s, name), lambda self, v: setattr(self._s, name, v))
 
 
-class NeuZipTensor(torch.Tensor):
+class NeuZipTensor(StorageTensor):
     """Compressed frozen weight; see the module docstring."""
 
     _s: _Store
@@ -75,7 +76,7 @@ class NeuZipTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, enc, packed, scales, shape, dtype, mantissa_bits, block, store=None):
         shape = torch.Size(shape)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=_contiguous_strides(shape), dtype=dtype,
+        return torch.Tensor._make_wrapper_subclass(cls, shape, strides=contiguous_strides(shape), dtype=dtype,
                                                    device=packed.device, requires_grad=False)
 
     def __init__(self, enc: ANSEncoded, packed: torch.Tensor, scales: torch.Tensor | None, shape: torch.Size,
@@ -250,29 +251,16 @@ class NeuZipTensor(torch.Tensor):
         return out
 
     # ---- torch integration ---------------------------------------------------------------------------------------
+    # F.linear on this weight: set by memfit.quant.neuzip_prefetch (just-in-time decode in forward and backward)
+    linear_impl: Callable[..., torch.Tensor] | None = None
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and isinstance(args[1], NeuZipTensor):
-            from memfit.quant.neuzip_prefetch import neuzip_linear
-
-            return neuzip_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], NeuZipTensor) and cls.linear_impl is not None:
+            return cls.linear_impl(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        from memfit.quant.neuzip_ops import dispatch
-
-        return dispatch(func, args, kwargs or {})
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= max(1, d)
-    return tuple(reversed(strides))
 
 
 def _rebuild(buf: torch.Tensor, device: str) -> NeuZipTensor:
@@ -350,34 +338,3 @@ def lane_length(cfg: Any) -> int:
     if spl < 1:
         raise ValueError(f"storage.symbols_per_lane must be >= 1, got {spl}")
     return spl
-
-
-def apply_neuzip(model: nn.Module, cfg: Any) -> tuple[nn.Module, Any]:
-    """Replace frozen Linear (and optionally Embedding / lm_head) weights by NeuZipTensors, in place; with
-    `train_compressed` also the trainable Linear weights, updated inside backward (framework/quant/neuzip_train.py).
-    Returns (model, the in-backward optimizer of those weights or None)."""
-    k = cfg.get("mantissa_bits", None)
-    if cfg.get("name") == "neuzip_lossy" and k not in (0, 1, 3):
-        raise ValueError(f"storage=neuzip_lossy needs mantissa_bits in [0, 1, 3], got {k}")
-    block = cfg.get("block_size", None)
-    include_embeddings = bool(cfg.get("include_embeddings", False))
-    min_numel = int(cfg.get("min_numel", 4096))
-    spl = lane_length(cfg)
-    trainer = None
-    if cfg.get("train_compressed", False):  # full fine-tuning with the trained Linear weights compressed
-        from memfit.quant.neuzip_train import apply_trainable_neuzip
-
-        trainer = apply_trainable_neuzip(model, cfg)
-    for name, mod in model.named_modules():
-        is_lin = isinstance(mod, nn.Linear)
-        is_emb = isinstance(mod, nn.Embedding) or name.endswith("lm_head")
-        if not (is_lin or (include_embeddings and is_emb)) or (is_emb and not include_embeddings):
-            continue
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.requires_grad or isinstance(w, NeuZipTensor) or w.numel() < min_numel:
-            continue
-        if w.dtype not in codec.FORMATS:
-            continue
-        mod.weight = nn.Parameter(NeuZipTensor.from_dense(w.data, k, block=block, symbols_per_lane=spl),
-                                  requires_grad=False)
-    return model, trainer

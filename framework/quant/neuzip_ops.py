@@ -1,4 +1,4 @@
-"""aten-level ops on `NeuZipTensor` (called from its `__torch_dispatch__`).
+"""aten-level ops on `NeuZipTensor` (registered in its op table (memfit.quant.subclass)).
 
 Metadata ops (detach, alias, view, reshape, contiguous as_strided) return a new wrapper over the SAME `_Store`, so an
 in-place `copy_` into any view is seen by all of them (FSDP2 copies the shard into a `new_zeros` tensor and keeps a
@@ -10,54 +10,33 @@ Anything else runs on the dequantized tensor (correct, but materialises a dense 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from memfit.kernels.ans import ans_decode, ans_encode
 from memfit.quant import neuzip_codec as codec
 from memfit.quant.neuzip import NeuZipTensor, _Store
 
 aten = torch.ops.aten
-OPS: dict[Any, Callable[..., Any]] = {}
-
-
-def implements(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for op in ops:
-            OPS[op] = fn
-        return fn
-
-    return wrap
-
-
-def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Run `func`: a compressed-form implementation if there is one, else on dequantized copies."""
-    fn = OPS.get(func) or OPS.get(func.overloadpacket)
-    if fn is not None:
-        return fn(func, *args, **kwargs)
-    unpack = lambda t: t.dequantize() if isinstance(t, NeuZipTensor) else t  # noqa: E731
-    return func(*tree_map(unpack, args), **tree_map(unpack, kwargs))
 
 
 def _alias(t: NeuZipTensor, shape: torch.Size | None = None) -> NeuZipTensor:
     return NeuZipTensor._wrap(t._s, t.shape if shape is None else torch.Size(shape), t.dtype)
 
 
-@implements(aten.detach.default, aten.alias.default)
+@NeuZipTensor.implements(aten.detach.default, aten.alias.default)
 def _detach(func: Any, t: NeuZipTensor) -> NeuZipTensor:
     return _alias(t)
 
 
-@implements(aten.clone.default)
+@NeuZipTensor.implements(aten.clone.default)
 def _clone(func: Any, t: NeuZipTensor, memory_format: Any = None) -> NeuZipTensor:
     return NeuZipTensor._wrap(replace(t._s, version=0), t.shape, t.dtype)  # inner tensors are never mutated in place
 
 
-@implements(aten._to_copy.default)
+@NeuZipTensor.implements(aten._to_copy.default)
 def _to_copy(func: Any, t: NeuZipTensor, dtype: torch.dtype | None = None, device: Any = None,
              non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
     """`.to(device)` moves the compressed form; a dtype change yields a dense tensor of that dtype."""
@@ -66,12 +45,12 @@ def _to_copy(func: Any, t: NeuZipTensor, dtype: torch.dtype | None = None, devic
     return t._to(device if device is not None else t.device)
 
 
-@implements(aten.is_pinned.default)
+@NeuZipTensor.implements(aten.is_pinned.default)
 def _is_pinned(func: Any, t: NeuZipTensor, device: Any = None) -> bool:
     return t.packed.is_pinned()
 
 
-@implements(aten._pin_memory.default)
+@NeuZipTensor.implements(aten._pin_memory.default)
 def _pin(func: Any, t: NeuZipTensor, device: Any = None) -> NeuZipTensor:
     s = t._s
     e = s.enc
@@ -81,13 +60,13 @@ def _pin(func: Any, t: NeuZipTensor, device: Any = None) -> NeuZipTensor:
     return NeuZipTensor._wrap(replace(s, enc=enc, packed=s.packed.pin_memory(), scales=sc, version=0), t.shape, t.dtype)
 
 
-@implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@NeuZipTensor.implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 def _view(func: Any, t: NeuZipTensor, size: list[int]) -> NeuZipTensor:
     """The compressed stream is in flat element order, so any same-numel view is metadata only."""
     return _alias(t, torch.empty(t.shape, device="meta").view(size).shape)
 
 
-@implements(aten.as_strided.default)
+@NeuZipTensor.implements(aten.as_strided.default)
 def _as_strided(func: Any, t: NeuZipTensor, size: list[int], stride: list[int],
                 storage_offset: int | None = 0) -> NeuZipTensor:
     shape = torch.Size(size)
@@ -127,7 +106,7 @@ def _parts(t: NeuZipTensor, bounds: list[tuple[int, int]]) -> list[NeuZipTensor]
     return out
 
 
-@implements(aten.split.Tensor)
+@NeuZipTensor.implements(aten.split.Tensor)
 def _split(func: Any, t: NeuZipTensor, split_size: int, dim: int = 0) -> list[NeuZipTensor]:
     if dim != 0:
         raise NotImplementedError(f"NeuZipTensor can only be split along dim 0 (got dim={dim})")
@@ -137,7 +116,7 @@ def _split(func: Any, t: NeuZipTensor, split_size: int, dim: int = 0) -> list[Ne
     return _parts(t, [(a, min(rows, a + split_size)) for a in range(0, rows, split_size)])
 
 
-@implements(aten.slice.Tensor)
+@NeuZipTensor.implements(aten.slice.Tensor)
 def _slice(func: Any, t: NeuZipTensor, dim: int = 0, start: int | None = None, end: int | None = None,
            step: int = 1) -> NeuZipTensor:
     """The full range is a view (shares the store); a proper row range is an independent re-encoded copy."""
@@ -153,7 +132,7 @@ def _slice(func: Any, t: NeuZipTensor, dim: int = 0, start: int | None = None, e
     return part
 
 
-@implements(aten.new_zeros.default)
+@NeuZipTensor.implements(aten.new_zeros.default)
 def _new_zeros(func: Any, t: NeuZipTensor, size: list[int], dtype: torch.dtype | None = None, layout: Any = None,
                device: Any = None, pin_memory: bool | None = None) -> torch.Tensor:
     """An all-zero NeuZipTensor with t's settings (FSDP2 allocates the padded shard this way)."""
@@ -164,7 +143,7 @@ def _new_zeros(func: Any, t: NeuZipTensor, size: list[int], dtype: torch.dtype |
     return out
 
 
-@implements(aten.copy_.default)
+@NeuZipTensor.implements(aten.copy_.default)
 def _copy(func: Any, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
     """NeuZip <- NeuZip adopts the compressed form (seen by every view of dst); NeuZip <- dense compresses with dst's
     settings; dense <- NeuZip decodes."""
@@ -185,13 +164,13 @@ def _copy(func: Any, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = 
     return dst
 
 
-@implements(aten.equal.default)
+@NeuZipTensor.implements(aten.equal.default)
 def _equal(func: Any, a: torch.Tensor, b: torch.Tensor) -> bool:
     da = a.dequantize() if isinstance(a, NeuZipTensor) else a
     db = b.dequantize() if isinstance(b, NeuZipTensor) else b
     return torch.equal(da, db)
 
 
-@implements(aten.is_same_size.default)
+@NeuZipTensor.implements(aten.is_same_size.default)
 def _same_size(func: Any, a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape

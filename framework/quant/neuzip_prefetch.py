@@ -116,7 +116,8 @@ def neuzip_linear(x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None = 
         x = x.to(torch.get_autocast_dtype(x.device.type))
         bias = None if bias is None else bias.to(x.dtype)
     if w._s.trainer is not None and torch.is_grad_enabled():
-        from memfit.quant.neuzip_train import trained_linear
-
-        return trained_linear(x, w, bias)
+        return w._s.trainer.linear(x, w, bias)  # trained compressed: updated inside backward (neuzip_train)
     return _NeuZipLinear.apply(x, w, bias)
+
+
+NeuZipTensor.linear_impl = staticmethod(neuzip_linear)

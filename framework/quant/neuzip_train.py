@@ -48,6 +48,10 @@ class InBackwardOptimizer:
             raise ValueError("storage.train_compressed=true does not support amsgrad or maximize")
         self.optimizer = optimizer
 
+    def linear(self, x: torch.Tensor, w: NeuZipTensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear of a weight this optimizer trains (neuzip_prefetch.neuzip_linear hands it here)."""
+        return trained_linear(x, w, bias)
+
     def begin_step(self) -> None:
         """Call once before each backward (LMModule does, per training batch)."""
         self._done.clear()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from memfit.kernels.nf4 import check_block_size, dequantize_nf4, num_blocks, quantize_nf4
 from memfit.kernels.nf4_matmul import FUSED_MAX_M, triton
 from memfit.quant.nf4_double import dequantize_absmax, dynamic_code, quantize_absmax
+from memfit.quant.subclass import StorageTensor, contiguous_strides
 
 fused_mm = None
 if triton is not None:
@@ -27,7 +28,7 @@ if triton is not None:
 aten = torch.ops.aten
 
 
-class NF4Tensor(torch.Tensor):
+class NF4Tensor(StorageTensor):
     """Packed NF4 weight. Inner tensors: `packed` uint8 [ceil(n/2)] and either `absmax` fp32 [nb] or, with double
     quantization, `qabsmax` uint8 [nb] + `absmax2` fp32 [ceil(nb/256)] (+ the python float `offset`)."""
 
@@ -41,7 +42,7 @@ class NF4Tensor(torch.Tensor):
                 dtype: torch.dtype, block_size: int, offset: float | None = None, requires_grad: bool = False):
         shape = torch.Size(shape)
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=_contiguous_strides(shape), dtype=dtype, device=packed.device,
+            cls, shape, strides=contiguous_strides(shape), dtype=dtype, device=packed.device,
             requires_grad=requires_grad,
         )
 
@@ -135,12 +136,6 @@ class NF4Tensor(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
-    @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        from memfit.quant.nf4_ops import dispatch
-
-        return dispatch(func, args, kwargs or {})
-
     # ------------------------------------------------------------------------------------------------ FSDP2 hooks
     def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any,
                             mp_policy: Any) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
@@ -164,14 +159,6 @@ class NF4Tensor(torch.Tensor):
             scales = self.scale_tensors()
         full = NF4Tensor(outputs[0], scales, outer_size, param_dtype or self.dtype, block_size, offset)
         return full, tuple(outputs)
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(1, s)
-    return tuple(reversed(strides))
 
 
 def _use_fused(a: torch.Tensor, weight: NF4Tensor, width: int) -> bool:

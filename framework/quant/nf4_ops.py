@@ -1,4 +1,4 @@
-"""aten-level ops on `NF4Tensor` (called from its `__torch_dispatch__`).
+"""aten-level ops on `NF4Tensor` (registered in its op table (memfit.quant.subclass)).
 
 Metadata ops (detach, view, as_strided, clone, to/_to_copy, copy_) act on the packed inner tensors, as do the ops FSDP2
 uses to shard a parameter along dim 0 (split, slice/narrow, new_zeros, copy_): a dim-0 shard of a flat NF4 tensor is a
@@ -14,50 +14,29 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from memfit.kernels.nf4 import quantize_nf4
 from memfit.quant.nf4 import NF4Tensor
 from memfit.quant.nf4_double import DQ_BLOCK
 
 aten = torch.ops.aten
-OPS: dict[Any, Callable[..., Any]] = {}
-
-
-def implements(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for op in ops:
-            OPS[op] = fn
-        return fn
-
-    return wrap
-
-
-def dispatch(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Run `func` on NF4 arguments: a packed-form implementation if there is one, else on dequantized copies."""
-    if func in OPS:
-        return OPS[func](func, *args, **kwargs)
-    if func.overloadpacket in OPS:
-        return OPS[func.overloadpacket](func, *args, **kwargs)
-    unpack = lambda t: t.dequantize() if isinstance(t, NF4Tensor) else t  # noqa: E731
-    return func(*tree_map(unpack, args), **tree_map(unpack, kwargs))
 
 
 def _same(t: NF4Tensor, fn: Callable[[torch.Tensor], torch.Tensor], **kw: Any) -> NF4Tensor:
     return t.with_inner(fn(t.packed), tuple(fn(s) for s in t.scale_tensors()), **kw)
 
 
-@implements(aten.detach.default, aten.alias.default)
+@NF4Tensor.implements(aten.detach.default, aten.alias.default)
 def _detach(func: Any, t: NF4Tensor) -> NF4Tensor:
     return _same(t, func)
 
 
-@implements(aten.clone.default)
+@NF4Tensor.implements(aten.clone.default)
 def _clone(func: Any, t: NF4Tensor, memory_format: Any = None) -> NF4Tensor:
     return _same(t, lambda x: x.clone())
 
 
-@implements(aten._to_copy.default)
+@NF4Tensor.implements(aten._to_copy.default)
 def _to_copy(func: Any, t: NF4Tensor, dtype: torch.dtype | None = None, device: Any = None, non_blocking: bool = False,
              **kwargs: Any) -> NF4Tensor:
     """`.to(device)` moves the packed data; `.to(dtype)` changes only the dtype that dequantize produces."""
@@ -67,24 +46,24 @@ def _to_copy(func: Any, t: NF4Tensor, dtype: torch.dtype | None = None, device: 
     return _same(t, move, dtype=dtype or t.dtype)
 
 
-@implements(aten.is_pinned.default)
+@NF4Tensor.implements(aten.is_pinned.default)
 def _is_pinned(func: Any, t: NF4Tensor, device: Any = None) -> bool:
     return all(x.is_pinned() for x in t.inner_tensors())
 
 
-@implements(aten._pin_memory.default)
+@NF4Tensor.implements(aten._pin_memory.default)
 def _pin(func: Any, t: NF4Tensor, device: Any = None) -> NF4Tensor:
     return _same(t, lambda x: x.pin_memory())
 
 
-@implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+@NF4Tensor.implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 def _view(func: Any, t: NF4Tensor, size: list[int]) -> NF4Tensor:
     """The storage is flat, so any same-numel view of a contiguous NF4Tensor is metadata only."""
     shape = _infer_size(size, t.numel())
     return _same(t, lambda x: x.view(-1), shape=shape)
 
 
-@implements(aten.as_strided.default)
+@NF4Tensor.implements(aten.as_strided.default)
 def _as_strided(func: Any, t: NF4Tensor, size: list[int], stride: list[int], storage_offset: int | None = 0) -> NF4Tensor:
     shape = torch.Size(size)
     contiguous = torch.empty(shape, device="meta").stride()
@@ -128,14 +107,14 @@ def _row_slice(t: NF4Tensor, start: int, end: int) -> NF4Tensor:
     return t.with_inner(packed, (t.qabsmax[b0:b1], t.absmax2[b0 // DQ_BLOCK: -(-b1 // DQ_BLOCK)]), shape=shape)
 
 
-@implements(aten.split.Tensor)
+@NF4Tensor.implements(aten.split.Tensor)
 def _split(func: Any, t: NF4Tensor, split_size: int, dim: int = 0) -> list[NF4Tensor]:
     if dim != 0:
         raise NotImplementedError(f"NF4Tensor can only be split along dim 0 (got dim={dim})")
     return [_row_slice(t, s, s + split_size) for s in range(0, t.shape[0], split_size)]
 
 
-@implements(aten.slice.Tensor)
+@NF4Tensor.implements(aten.slice.Tensor)
 def _slice(func: Any, t: NF4Tensor, dim: int = 0, start: int | None = None, end: int | None = None,
            step: int = 1) -> NF4Tensor:
     if dim != 0 or step != 1:
@@ -146,7 +125,7 @@ def _slice(func: Any, t: NF4Tensor, dim: int = 0, start: int | None = None, end:
     return _row_slice(t, start, end)
 
 
-@implements(aten.new_zeros.default)
+@NF4Tensor.implements(aten.new_zeros.default)
 def _new_zeros(func: Any, t: NF4Tensor, size: list[int], dtype: torch.dtype | None = None, layout: Any = None,
                device: Any = None, pin_memory: bool | None = None) -> NF4Tensor:
     """An all-zero NF4Tensor (zero scales) of `size`: FSDP2 allocates padded shards this way."""
@@ -163,7 +142,7 @@ def _new_zeros(func: Any, t: NF4Tensor, size: list[int], dtype: torch.dtype | No
     return t.with_inner(packed, scales, shape=shape, dtype=dtype or t.dtype)
 
 
-@implements(aten.copy_.default)
+@NF4Tensor.implements(aten.copy_.default)
 def _copy(func: Any, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
     """NF4 <- NF4 copies the packed form; NF4 <- dense quantizes (no double quant); dense <- NF4 dequantizes."""
     if not isinstance(dst, NF4Tensor):
@@ -187,7 +166,7 @@ def _copy(func: Any, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = 
     return dst
 
 
-@implements(aten.equal.default)
+@NF4Tensor.implements(aten.equal.default)
 def _equal(func: Any, a: torch.Tensor, b: torch.Tensor) -> bool:
     if isinstance(a, NF4Tensor) and isinstance(b, NF4Tensor) and a.double_quant == b.double_quant:
         return a.shape == b.shape and a.offset == b.offset and all(

@@ -102,7 +102,7 @@ class NeuZipStorage(Storage):
         self._trainer: Any = None  # the InBackwardOptimizer of train_compressed, once applied
 
     def apply(self, model: nn.Module) -> nn.Module:
-        from memfit.quant.neuzip import apply_neuzip
+        from memfit.quant.neuzip_apply import apply_neuzip
 
         model, self._trainer = apply_neuzip(model, self.settings())
         return model
