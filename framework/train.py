@@ -6,6 +6,7 @@ tests, saves, and prints a before/after table.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -244,9 +245,22 @@ def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
 
         results["adapter_dir"] = str(export_peft(module.model, Path(cfg.save_adapter), base_model=cfg.model.get("path")))
         log.info("saved the adapter in peft format to %s", cfg.save_adapter)
+    if trainer.is_global_zero:
+        write_results(Path(cfg.paths.output_dir) / "results.json", results)
     if trainer.is_global_zero and cfg.get("print_summary", True):
         print_summary(results)
     return results
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """The run's metrics as JSON in its output directory (before/after scores, throughput and memory, parameter
+    counts, wall time): what sweeps and benchmarks read back without parsing logs."""
+    keep = ("before", "after", "perf", "train_loss", "trainable_params", "total_params", "seconds")
+    data = {k: results[k] for k in keep if k in results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
 
 
 def route_library_logs() -> None:

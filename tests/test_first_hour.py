@@ -138,3 +138,13 @@ def test_transfer_help_lists_the_stages():
     for stage in ("source_lora", "discriminator", "synthesize", "distill", "evaluate"):
         assert f"\n  {stage} " in out.stdout
     assert "== Configuration groups ==" not in out.stdout  # not Hydra's generic help
+
+
+def test_run_writes_its_results_json(fast_cfg, tmp_path):
+    """results.json in the run directory holds the same scores and counts that run() returns."""
+    import json
+
+    res = run(fast_cfg("trainer.max_steps=2", "trainer.val_check_interval=2"))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["after"] == res["after"] and saved["trainable_params"] == res["trainable_params"]
+    assert saved["train_loss"] == res["train_loss"]
