@@ -209,3 +209,16 @@ def test_command_line(trained, tmp_path):
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["test/acc"] == res["after"]["test/acc"]
     assert len(read_jsonl(tmp_path / "cli" / "predictions.jsonl")) == 24
+
+
+def test_suite_recipe_and_summary_caption(capsys):
+    """experiment=suite trains on all tasks at the real lengths (base pre-trained in 512-token blocks too), and the
+    summary says that test/acc is measured on the generated test split."""
+    from memfit.report import print_summary
+
+    cfg = compose("train", ["experiment=suite"])
+    assert cfg.data.tasks == "all" and cfg.data.max_length == 512 == cfg.model.arch.max_position_embeddings
+    assert "data.max_length=512" in cfg.model.recipe_overrides and cfg.model.recipe == "pretrain_tiny"
+    print_summary({"config": cfg, "after": {"test/acc": 0.5, "test/loss": 1.0}})
+    out = " ".join(capsys.readouterr().out.split())  # the caption wraps at the table's width
+    assert "test/acc = greedy exact match on the generated test split (200 items per task" in out
