@@ -209,7 +209,7 @@ def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     results: dict[str, Any] = {"config": cfg}
     trainable, total = count_parameters(model, storage.trained_in_backward())
     results.update(trainable_params=trainable, total_params=total)
-    can_test = cfg.eval.test and hasattr(datamodule, "sizes") and datamodule.sizes.get("test", 0) > 0
+    can_test = cfg.eval.test and datamodule.has_split("test")  # a generated test split or a data.test_file
     resuming = on_slurm() and trainer._checkpoint_connector._hpc_resume_path is not None  # a requeued job
     if cfg.eval.before and can_test and not resuming:
         results["before"] = trainer.test(module, datamodule=datamodule, verbose=False)[0]

@@ -20,15 +20,16 @@ def encode_pair(tok: Any, prompt: str, completion: str, max_length: int, complet
     """Token ids of prompt + completion + eos, with labels masked to the completion when `completion_only`.
 
     Over-long examples lose tokens from the left of the prompt, never from the completion (a truncated answer would
-    train the model on a wrong target).
+    train the model on a wrong target); `prompt_cut` counts the tokens lost.
     """
     p = tok.encode(prompt, add_special_tokens=False)
     c = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
     if len(c) >= max_length:
         raise ValueError(f"completion of {len(c)} tokens does not fit data.max_length={max_length}")
-    p = p[-(max_length - len(c)):]
+    cut = max(0, len(p) + len(c) - max_length)
+    p = p[cut:]
     labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c
-    return {"input_ids": p + c, "labels": labels, "prompt_ids": p}
+    return {"input_ids": p + c, "labels": labels, "prompt_ids": p, "prompt_cut": cut}
 
 
 class Collator:

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from datasets import Dataset
 
+from memfit.config import check_choice
 from memfit.data.collate import Collator, encode_pair, format_prompt
 from memfit.data.loader import ResumableLoader
 from memfit.data.tasks import generate_split, resolve_tasks
@@ -58,7 +59,15 @@ class LMDataModule(L.LightningDataModule):
                 loader.skip(done)
         return loader
 
-    def val_dataloader(self) -> ResumableLoader:
+    def has_split(self, split: str) -> bool:
+        """Whether the module holds examples for `split` (the app tests only when there is a test split)."""
+        self.setup()
+        return split in self.splits
+
+    def val_dataloader(self) -> ResumableLoader | list:
+        """No validation split (e.g. JSONL train + test files only): an empty list, which Lightning skips."""
+        if not self.has_split("val"):
+            return []
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> ResumableLoader:
@@ -73,11 +82,16 @@ class PromptCompletionData(LMDataModule):
         self.completion_only = completion_only
 
     def _encode(self, rows: list[dict[str, str]]) -> Dataset:
-        out = []
+        out, cut = [], 0
         for r in rows:
             enc = encode_pair(self.tokenizer, r["prompt"], r["completion"], self.max_length, self.completion_only)
-            enc.update(target=r.get("target", r["completion"].strip()), task=r.get("task", "default"))
+            cut += enc.pop("prompt_cut") > 0
+            enc.update(target=r.get("target", r["completion"].strip()), task=r.get("task", "default"), prompt=r["prompt"])
             out.append(enc)
+        if cut:
+            log.warning("%d of %d prompts do not fit data.max_length=%d tokens with their answer and lose their start; "
+                        "raise data.max_length (up to the model's context) to keep them whole", cut, len(rows),
+                        self.max_length)
         return Dataset.from_list(out)
 
 
@@ -91,6 +105,9 @@ class TaskSuiteData(PromptCompletionData):
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.fewshot = fewshot
         self.difficulty = {k: dict(v) for k, v in (difficulty or {}).items()}
+
+    def has_split(self, split: str) -> bool:
+        return self.sizes.get(split, 0) > 0
 
     def raw_split(self, split: str) -> list[dict[str, str]]:
         rows = []
@@ -113,20 +130,38 @@ class TaskSuiteData(PromptCompletionData):
 
 
 class JsonlData(PromptCompletionData):
-    """A user's JSONL files, one object per line with prompt and completion fields (names configurable)."""
+    """A user's JSONL files, one object per line with prompt and completion fields (names configurable).
 
-    def __init__(self, train_file: str, val_file: str | None = None, test_file: str | None = None,
-                 prompt_field: str = "prompt", completion_field: str = "completion", **kw):
+    Any of the splits may be missing except the one a run uses: train + test without val trains and tests, a test
+    file alone is what `python -m memfit.evaluate` scores. A split may list several files. `template=suite` wraps
+    prompts in the task suite's "Q: ...\nA:" template (and answers as " <answer>"), for items in the suite's format
+    scored with a model trained on the suite; `raw` uses them as they are. An object's optional `task` field names
+    its task (per-task accuracy); otherwise the file's stem does when a split lists several files.
+    """
+
+    TEMPLATES = ("raw", "suite")
+
+    def __init__(self, train_file: str | list[str] | None = None, val_file: str | list[str] | None = None,
+                 test_file: str | list[str] | None = None, prompt_field: str = "prompt",
+                 completion_field: str = "completion", template: str = "raw", **kw):
         super().__init__(**kw)
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        check_choice("data.template", template, self.TEMPLATES)
+        self.files = {s: [str(f) for f in ([f] if isinstance(f, str) else f)] if f else []
+                      for s, f in (("train", train_file), ("val", val_file), ("test", test_file))}
         self.fields = (prompt_field, completion_field)
+        self.template = template
+        self._rows: dict[str, list[dict[str, str]]] = {}
 
-    def _read(self, path: str) -> list[dict[str, str]]:
+    def has_split(self, split: str) -> bool:
+        return bool(self.files.get(split))
+
+    def _read(self, split: str, path: str, several: bool) -> list[dict[str, str]]:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+            raise FileNotFoundError(f"data.{split}_file={path!r} does not exist")
         rows = []
         pf, cf = self.fields
+        default_task = p.stem if several else "jsonl"
         with p.open() as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -136,14 +171,36 @@ class JsonlData(PromptCompletionData):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
                 if pf not in obj or cf not in obj:
-                    raise ValueError(f"{p}:{lineno}: needs fields {pf!r} and {cf!r}, has {sorted(obj)}")
-                rows.append({"prompt": str(obj[pf]), "completion": str(obj[cf]), "task": str(obj.get("task", "jsonl"))})
+                    raise ValueError(f"{p}:{lineno}: needs fields {pf!r} and {cf!r}, has {sorted(obj)} "
+                                     "(data.prompt_field / data.completion_field name them)")
+                prompt, completion = str(obj[pf]), str(obj[cf])
+                if self.template == "suite":
+                    prompt, completion = format_prompt(prompt), f" {completion.strip()}"
+                rows.append({"prompt": prompt, "completion": completion, "task": str(obj.get("task", default_task))})
         if not rows:
-            raise ValueError(f"data file {str(p)!r} holds no examples")
+            raise ValueError(f"data.{split}_file={path!r} holds no examples")
         return rows
 
+    def rows(self, split: str) -> list[dict[str, str]]:
+        """The split's examples as read (prompt, completion, task), before tokenisation."""
+        if split not in self._rows:
+            several = len(self.files[split]) > 1
+            self._rows[split] = [r for f in self.files[split] for r in self._read(split, f, several)]
+        return self._rows[split]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in order of first appearance (the app logs accuracy per task when there are several)."""
+        return list(dict.fromkeys(r["task"] for s, f in self.files.items() if f for r in self.rows(s)))
+
     def build_splits(self) -> dict[str, Dataset]:
-        return {s: self._encode(self._read(f)) for s, f in self.files.items() if f}
+        return {s: self._encode(self.rows(s)) for s, f in self.files.items() if f}
+
+    def train_dataloader(self) -> ResumableLoader:
+        if not self.files["train"]:
+            raise ValueError("data.train_file is not set: training needs it (to only score a model on "
+                             "data.test_file, use python -m memfit.evaluate)")
+        return super().train_dataloader()
 
 
 class TextData(LMDataModule):
@@ -190,6 +247,9 @@ class TextData(LMDataModule):
             xs = rng.sample(pools[self.tasks[i % len(self.tasks)]], items)
             docs.append(f"Here are {items} examples:\n" + "\n".join(f"{j}. {x}" for j, x in enumerate(xs, 1)))
         return docs
+
+    def has_split(self, split: str) -> bool:
+        return split in ("train", "val")
 
     def build_splits(self) -> dict[str, Dataset]:
         ids: list[int] = []
