@@ -11,51 +11,16 @@ weights are loaded, adapters merged, and the result written with `save_pretraine
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from omegaconf import OmegaConf
 
 from memfit.compression.cli import run_cli
 from memfit.export import export_hf
-
-
-def load_full_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The LightningModule state dict of a checkpoint file or sharded (DCP) directory, as full CPU tensors."""
-    path = Path(ckpt)
-    if path.is_dir():
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} is a directory but not a sharded checkpoint (no .metadata file)")
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, Path(tmp) / "full.pt")
-            state = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
-    elif path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's words for "not a checkpoint file"
-            raise ValueError(f"{path} is not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
-    else:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if not isinstance(state, dict) or "state_dict" not in state:
-        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} holds no 'state_dict' ({keys}): not a Lightning checkpoint")
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state["state_dict"].items()}
-
-
-def find_config(ckpt: str | Path) -> Path:
-    """The run's `.hydra/config.yaml`, looked for in the checkpoint's parent directories."""
-    for parent in Path(ckpt).resolve().parents:
-        candidate = parent / ".hydra" / "config.yaml"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no .hydra/config.yaml above {ckpt}; pass --config RUN_DIR/.hydra/config.yaml")
+from memfit.runs import find_config, load_full_state
 
 
 def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> Path:

@@ -31,19 +31,11 @@ from memfit.assemble import assemble
 from memfit.config import CONF_DIR, build
 from memfit.module import LMModule
 from memfit.report import print_evaluation
+from memfit.runs import find_config, load_full_state, load_weights, run_model
 
 log = logging.getLogger(__name__)
 
 PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_[AB])\.weight")
-
-
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str, expect: list[str]) -> None:
-    """Load `weights` into `model`; every name in `expect` must be covered and no weight may be left over."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    lacking = [k for k in expect if k in missing]
-    if unexpected or lacking:
-        raise ValueError(f"{source} does not match the configured model: unexpected {unexpected[:5]}, missing "
-                         f"{lacking[:5]} (is the model/adapter config the one it was trained with?)")
 
 
 def peft_adapter(path: Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
@@ -71,15 +63,8 @@ def peft_adapter(path: Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
 def load_model(cfg: DictConfig) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for the evaluation config: `ckpt`, or `model` (+ `adapter_path`), built by `assemble`."""
     if cfg.get("ckpt"):
-        from memfit.consolidate import PREFIX, find_config, load_full_state
-
         run_cfg: Any = OmegaConf.load(cfg.get("ckpt_config") or find_config(cfg.ckpt))
-        model, tokenizer = assemble(run_cfg)  # the run's model, adapter and storage
-        state = load_full_state(cfg.ckpt)
-        weights = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
-        expect = [k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")]
-        load_weights(model, weights, f"ckpt={cfg.ckpt}", expect)
-        return model, tokenizer
+        return run_model(run_cfg, load_full_state(cfg.ckpt), f"ckpt={cfg.ckpt}")
     path = cfg.get("adapter_path")
     if not path:
         return assemble(cfg)
