@@ -35,7 +35,7 @@ def overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
         *[f"source.{a}" for a in ARCH], f"source.recipe_overrides={recipe}",
         "target.name=ttgt", "target.tokenizer=bpe", "target.arch.hidden_size=64",
         *[f"target.{a}" for a in ARCH], f"target.recipe_overrides={recipe}",
-        "data.n_train=40", "data.n_test=16", "source_lora.steps=20", "discriminator.steps=20", "distill.steps=20",
+        "data.n_train=40", "data.n_test=16", "source_lora.steps=20", "discriminator.steps=100", "discriminator.lr=1e-2", "distill.steps=20",
         "source_lora.batch_size=8", "discriminator.batch_size=8", "distill.batch_size=8",
         "synthesize.n=6", "discriminator.n_synthetic=12", "synthesize.round_size=32", "synthesize.max_candidates=480",
         "distill.variants=[filtered,unfiltered,seeds]", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",

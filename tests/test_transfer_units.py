@@ -268,3 +268,23 @@ def test_text_data_list_docs():
         [d for d in TextData(tasks="word_sorting", n_docs=40, list_docs=0.0).documents()]
     with pytest.raises(ValueError, match="list_docs=1.5"):
         TextData(list_docs=1.5)
+
+
+def test_discriminator_decides_at_the_first_differing_token():
+    """p(" yes") vs p(" no") is compared where the answers differ: " y"/" n" for a character tokenizer (the shared
+    leading space scores the same under both), the whole words for a tokenizer that has them as single tokens."""
+    from memfit.models.tokenizer import char_tokenizer
+    from memfit.transfer.discriminate import deciding_answers
+
+    assert deciding_answers(char_tokenizer()) == (" y", " n")
+
+    class Words:
+        vocab = {" yes": 7, " no": 9}
+
+        def encode(self, text, add_special_tokens=False):
+            return [self.vocab[text]]
+
+        def decode(self, ids):
+            return {v: k for k, v in self.vocab.items()}[ids[0]]
+
+    assert deciding_answers(Words()) == (" yes", " no")

@@ -1,8 +1,10 @@
 """The discriminator (Trans-LoRA step 2): a model (the source + a LoRA by default) trained to answer "yes" for real
 task inputs and "no" for synthetic ones, and its p(yes) vs p(no) verdicts.
 
-The verdict compares the probabilities of the whole answers " yes" and " no" (summed token log-probs), which works for
-any tokenizer, including a character-level one where both answers start with the same token.
+The verdict compares p(" yes") with p(" no") at the first token where the two answers differ (their common prefix
+scores the same under both): one token each with a word-level tokenizer, as in the paper; with a character-level one
+" y" against " n". Summing every token of the answers instead would penalise the longer " yes" by its extra tokens and
+make an unsure discriminator reject everything.
 """
 
 from __future__ import annotations
@@ -56,9 +58,20 @@ def judge(model: Any, tok: Any, inputs: Sequence[str], task: str, batch_size: in
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(" yes" | prompt), log p(" no" | prompt)) per input, float64."""
     prompts = [disc_prompt(x, task) for x in inputs]
-    yes = completion_logprobs(model, tok, prompts, [YES] * len(prompts), batch_size, desc="discriminate yes")
-    no = completion_logprobs(model, tok, prompts, [NO] * len(prompts), batch_size, desc="discriminate no")
+    yes_part, no_part = deciding_answers(tok)
+    yes = completion_logprobs(model, tok, prompts, [yes_part] * len(prompts), batch_size, desc="discriminate yes")
+    no = completion_logprobs(model, tok, prompts, [no_part] * len(prompts), batch_size, desc="discriminate no")
     return yes, no
+
+
+def deciding_answers(tok: Any) -> tuple[str, str]:
+    """The answers cut after their first differing token under `tok` (" yes"/" no" whole for a tokenizer that has them
+    as tokens; " y"/" n" for a character-level one)."""
+    y, n = tok.encode(YES, add_special_tokens=False), tok.encode(NO, add_special_tokens=False)
+    k = 0
+    while k < min(len(y), len(n)) and y[k] == n[k]:
+        k += 1
+    return tok.decode(y[: k + 1]), tok.decode(n[: k + 1])
 
 
 def accuracy(yes: torch.Tensor, no: torch.Tensor, is_real: torch.Tensor) -> float:
