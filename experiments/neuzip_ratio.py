@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from memfit.neuzip import model_stats  # noqa: E402
+from memfit.cli.neuzip import model_stats  # noqa: E402
 from memfit.quant.neuzip import NeuZipTensor  # noqa: E402
 
 MODES = [None, 3, 1, 0]

@@ -1,5 +1,5 @@
 """Export a run's trained weights as a plain HF model directory: the model rebuilt from the run's config through the
-one assembly path, the state loaded, adapters merged, `save_pretrained` (+ tokenizer). Used by `memfit.consolidate`
+one assembly path, the state loaded, adapters merged, `save_pretrained` (+ tokenizer). Used by `memfit.cli.consolidate`
 and by FSDP runs' `save_model=DIR`."""
 
 from __future__ import annotations

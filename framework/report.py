@@ -67,7 +67,7 @@ def print_summary(results: dict[str, Any]) -> None:
 
 
 def print_evaluation(metrics: dict[str, float], predictions: list[dict[str, Any]], title: str) -> None:
-    """`python -m memfit.evaluate`'s table: items and greedy exact match per task, overall accuracy and loss."""
+    """`python -m memfit.cli.evaluate`'s table: items and greedy exact match per task, overall accuracy and loss."""
     table = Table(title=title, caption="acc = greedy exact match of the first generated line with the target",
                   min_width=min(110, len(title) + 4))
     table.add_column("task")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from memfit.assemble import assemble
 from memfit.callbacks.guard import FiniteLossGuard
 from memfit.callbacks.monitor import ThroughputMonitor
-from memfit.config import build, check_choice
+from memfit.config import CONF_DIR, build, check_choice
 from memfit.module import LMModule
 from memfit.parallel.slurm import SlurmRequeue, on_slurm
 from memfit.quant.storage import build_storage
@@ -108,7 +108,7 @@ def validate(cfg: DictConfig) -> None:
                              "loftq (for a full fine-tune use save_model=DIR)")
         if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
             raise ValueError("save_adapter=DIR is not supported with trainer=fsdp: every FSDP run writes its adapter "
-                             "tensors to RUN/trainable.safetensors; `python -m memfit.consolidate` exports the model")
+                             "tensors to RUN/trainable.safetensors; `python -m memfit.cli.consolidate` exports the model")
     check_choice("trainer.precision", str(cfg.trainer.get("precision", "32-true")),
                  ["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"])
 
@@ -276,7 +276,7 @@ def route_library_logs() -> None:
         lg.propagate = True
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     route_library_logs()

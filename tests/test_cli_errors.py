@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from untrusted import make_pair, snapshot
 
+from memfit.cli.fmdelta import main as fmdelta
 from memfit.compression import safe_io
-from memfit.fmdelta import main as fmdelta
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def _st(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def test_neuzip_stats_on_corrupt_safetensors(tmp_path: Path, capsys) -> None:
-    from memfit.neuzip import main as neuzip
+    from memfit.cli.neuzip import main as neuzip
 
     header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'
     cases = {
@@ -151,7 +151,7 @@ def test_neuzip_stats_on_corrupt_safetensors(tmp_path: Path, capsys) -> None:
 
 
 def test_consolidate_errors(tmp_path: Path, capsys) -> None:
-    from memfit.consolidate import main as consolidate
+    from memfit.cli.consolidate import main as consolidate
 
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
     (tmp_path / "bad.yaml").write_text("a: [unclosed")
@@ -169,8 +169,8 @@ def test_consolidate_errors(tmp_path: Path, capsys) -> None:
 
 def test_transfer_cli_user_error_is_one_line(tmp_path: Path, capsys) -> None:
     """The Hydra entry point's body (the decorator only composes the config): exit code 1, one line, no traceback."""
+    from memfit.cli.transfer import main as transfer
     from memfit.config import compose
-    from memfit.transfer.__main__ import main as transfer
 
     cfg = compose("transfer", ["stages=[bogus]", f"run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:

@@ -1,4 +1,4 @@
-"""`python -m memfit.evaluate` and JSONL test files: a saved model, a run's checkpoint, a base + adapter and a JSONL
+"""`python -m memfit.cli.evaluate` and JSONL test files: a saved model, a run's checkpoint, a base + adapter and a JSONL
 test file all score what the app's own test step scored (same accuracy, loss and predictions)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, MODEL_FAST, ROOT
+from memfit.cli.evaluate import evaluate
 from memfit.config import compose
-from memfit.evaluate import evaluate
 from memfit.train import run
 
 SUITE = ["data.n_train=64", "data.n_val=8", "data.n_test=24"]
@@ -200,9 +200,9 @@ def test_base_plus_adapter(tmp_path):
 
 
 def test_command_line(trained, tmp_path):
-    """The module runs as `python -m memfit.evaluate` with Hydra overrides and prints its table."""
+    """The module runs as `python -m memfit.cli.evaluate` with Hydra overrides and prints its table."""
     res, _, _, tmp = trained
-    cmd = [sys.executable, "-m", "memfit.evaluate", "model=llama", f"model.path={tmp}/model", "model.dtype=float32",
+    cmd = [sys.executable, "-m", "memfit.cli.evaluate", "model=llama", f"model.path={tmp}/model", "model.dtype=float32",
            *SUITE, "data.eval_batch_size=8", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}/cli",
            f"paths.cache_dir={tmp_path}/cache"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

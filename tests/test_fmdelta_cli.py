@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from memfit.fmdelta import main
+from memfit.cli.fmdelta import main
 
 
 def make_pair(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from untrusted import make_pair, snapshot
 
-from memfit.fmdelta import main as fmdelta
+from memfit.cli.fmdelta import main as fmdelta
 
 CLI_CHILD = r"""
 import sys, time
 from memfit.compression import fmdelta_dir
-from memfit.fmdelta import main
+from memfit.cli.fmdelta import main
 
 def slow(f):
     def g(*a, **k):

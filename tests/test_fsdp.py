@@ -154,7 +154,7 @@ def test_two_processes_match_one(tmp_path):
     for run in ("one", "two"):
         ckpt = tmp_path / run / "checkpoints" / "last.ckpt"
         assert (ckpt / ".metadata").is_file()  # sharded (DCP) checkpoint directory
-        out = subprocess.run([sys.executable, "-m", "memfit.consolidate", str(ckpt), str(tmp_path / f"hf_{run}")],
+        out = subprocess.run([sys.executable, "-m", "memfit.cli.consolidate", str(ckpt), str(tmp_path / f"hf_{run}")],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         models.append(AutoModelForCausalLM.from_pretrained(tmp_path / f"hf_{run}").state_dict())

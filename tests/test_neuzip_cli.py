@@ -1,4 +1,4 @@
-"""`python -m memfit.neuzip stats`: per-tensor exponent entropy against an independent numpy count, achieved bits
+"""`python -m memfit.cli.neuzip stats`: per-tensor exponent entropy against an independent numpy count, achieved bits
 against the compressed size of each tensor, weighted totals, streaming over several files, and clear errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memfit.neuzip import main, model_stats
+from memfit.cli.neuzip import main, model_stats
 from memfit.quant import NeuZipTensor
 
 
@@ -52,7 +52,7 @@ def test_stats_match_independent_counts(model_dir, capsys):
 
 def test_lossy_stats_report_the_weight_error(model_dir):
     d, ts = model_dir
-    from memfit.neuzip import iter_tensors
+    from memfit.cli.neuzip import iter_tensors
 
     rows, _ = model_stats(iter_tensors(d), torch.bfloat16, mantissa_bits=1, min_numel=1000)
     got = dict(rows)["b.weight"]

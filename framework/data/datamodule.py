@@ -133,7 +133,7 @@ class JsonlData(PromptCompletionData):
     """A user's JSONL files, one object per line with prompt and completion fields (names configurable).
 
     Any of the splits may be missing except the one a run uses: train + test without val trains and tests, a test
-    file alone is what `python -m memfit.evaluate` scores. A split may list several files. `template=suite` wraps
+    file alone is what `python -m memfit.cli.evaluate` scores. A split may list several files. `template=suite` wraps
     prompts in the task suite's "Q: ...\nA:" template (and answers as " <answer>"), for items in the suite's format
     scored with a model trained on the suite; `raw` uses them as they are. An object's optional `task` field names
     its task (per-task accuracy); otherwise the file's stem does when a split lists several files.
@@ -199,7 +199,7 @@ class JsonlData(PromptCompletionData):
     def train_dataloader(self) -> ResumableLoader:
         if not self.files["train"]:
             raise ValueError("data.train_file is not set: training needs it (to only score a model on "
-                             "data.test_file, use python -m memfit.evaluate)")
+                             "data.test_file, use python -m memfit.cli.evaluate)")
         return super().train_dataloader()
 
 

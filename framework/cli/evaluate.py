@@ -1,10 +1,10 @@
 """Score a model without training: greedy exact match per task and loss, on the task suite's test split or on JSONL
 files, written per item to a predictions file.
 
-    python -m memfit.evaluate model=llama model.path=DIR model.dtype=float32       # an HF checkpoint directory
-    python -m memfit.evaluate ckpt=RUN/checkpoints/last.ckpt                      # a run's Lightning checkpoint
-    python -m memfit.evaluate model=llama model.path=BASE adapter_path=ADAPTER    # a base + a LoRA adapter
-    python -m memfit.evaluate ... data=jsonl data.test_file=items.jsonl [data.template=suite]
+    python -m memfit.cli.evaluate model=llama model.path=DIR model.dtype=float32       # an HF checkpoint directory
+    python -m memfit.cli.evaluate ckpt=RUN/checkpoints/last.ckpt                      # a run's Lightning checkpoint
+    python -m memfit.cli.evaluate model=llama model.path=BASE adapter_path=ADAPTER    # a base + a LoRA adapter
+    python -m memfit.cli.evaluate ... data=jsonl data.test_file=items.jsonl [data.template=suite]
 
 Scoring is the app's own test step (`LMModule.test_step` through `Trainer.test`) on the app's data modules (same
 prompt template, tokenisation and batching), so a model saved by a run scores exactly the run's test/acc and
@@ -141,7 +141,7 @@ def describe(cfg: DictConfig) -> str:
     return f"{model} on {data}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return evaluate(cfg)["metrics"].get("test/acc", float("nan"))

@@ -1,4 +1,4 @@
-"""`python -m memfit.neuzip stats <model dir> [--dtype bf16] [--mantissa-bits K]`: NeuZip compressibility.
+"""`python -m memfit.cli.neuzip stats <model dir> [--dtype bf16] [--mantissa-bits K]`: NeuZip compressibility.
 
 Per float tensor: exponent entropy H (bits), the bound 1 + H + kept mantissa bits, the bits/weight NeuZip achieves
 (every stream, table and header counted) and their ratio. Reads *.safetensors (or pytorch_model.bin) from the folder.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.compression.cli import run_cli
+from memfit.cli.errors import run_cli
 from memfit.compression.safe_io import require_dir
 from memfit.compression.safetensors_dir import parse, read_tensor
 from memfit.quant import neuzip_codec as codec
@@ -89,7 +89,7 @@ def model_stats(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m memfit.neuzip")
+    ap = argparse.ArgumentParser(prog="python -m memfit.cli.neuzip")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="per-tensor entropy, achieved bits/weight, ratio vs bound")
     st.add_argument("model_dir")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--min-numel", type=int, default=4096)
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    return run_cli(lambda: _stats(a), "memfit.neuzip")
+    return run_cli(lambda: _stats(a), "memfit.cli.neuzip")
 
 
 def _stats(a: argparse.Namespace) -> None:

@@ -1,9 +1,9 @@
 """FM-Delta command line: lossless delta compression of fine-tuned HF safetensors checkpoints against their base.
 
-    python -m memfit.fmdelta compress   --base DIR --finetuned DIR --out FILE [--no-context]
-    python -m memfit.fmdelta decompress --base DIR --delta FILE --out DIR
-    python -m memfit.fmdelta verify     --base DIR --delta FILE [--finetuned DIR]
-    python -m memfit.fmdelta stats      --delta FILE [--all]
+    python -m memfit.cli.fmdelta compress   --base DIR --finetuned DIR --out FILE [--no-context]
+    python -m memfit.cli.fmdelta decompress --base DIR --delta FILE --out DIR
+    python -m memfit.cli.fmdelta verify     --base DIR --delta FILE [--finetuned DIR]
+    python -m memfit.cli.fmdelta stats      --delta FILE [--all]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from memfit.compression.cli import run_cli
+from memfit.cli.errors import run_cli
 from memfit.compression.fmdelta_dir import compress_dir, decompress_dir, stats, verify_dir
 
 
@@ -38,7 +38,7 @@ def _stats_table(rows: list[dict], show_all: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m memfit.fmdelta", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m memfit.cli.fmdelta", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compress", help="write a delta of --finetuned against --base")
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (c, d, v):
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    return run_cli(lambda: _run(a), "memfit.fmdelta")
+    return run_cli(lambda: _run(a), "memfit.cli.fmdelta")
 
 
 def _run(a: argparse.Namespace) -> None:

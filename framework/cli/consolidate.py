@@ -1,6 +1,6 @@
 """Turn a (sharded) training checkpoint into a plain HF model directory.
 
-    python -m memfit.consolidate RUN/checkpoints/last.ckpt OUT_DIR [--config RUN/.hydra/config.yaml]
+    python -m memfit.cli.consolidate RUN/checkpoints/last.ckpt OUT_DIR [--config RUN/.hydra/config.yaml]
 
 A `trainer=fsdp` checkpoint is a torch.distributed.checkpoint directory (one file per rank); a single-process or DDP
 checkpoint is one file. Either way the model is rebuilt from the run's own config (model, adapter, storage), the
@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from memfit.compression.cli import run_cli
+from memfit.cli.errors import run_cli
 from memfit.export import export_hf
 from memfit.runs import find_config, load_full_state
 
@@ -35,14 +35,14 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, config: str | Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0, or 1 with a one-line message for a user error (memfit.compression.cli)."""
-    ap = argparse.ArgumentParser(prog="python -m memfit.consolidate", description=__doc__.split("\n\n")[0])
+    """Exit code 0, or 1 with a one-line message for a user error (memfit.cli.errors)."""
+    ap = argparse.ArgumentParser(prog="python -m memfit.cli.consolidate", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a Lightning checkpoint file or sharded checkpoint directory")
     ap.add_argument("out_dir", help="where to write the HF model directory")
     ap.add_argument("--config", help="the run's .hydra/config.yaml (default: found above the checkpoint)")
     args = ap.parse_args(argv)
     return run_cli(lambda: print(f"wrote {consolidate(args.checkpoint, args.out_dir, args.config)}"),
-                   "memfit.consolidate")
+                   "memfit.cli.consolidate")
 
 
 if __name__ == "__main__":
