@@ -165,30 +165,30 @@ class AtomicFile:
         self._guard = terminate_cleanly()
         self._guard.__enter__()
         self.tmp: Path | None = None
-        try:
+        with self._discard_on_error():
             self.tmp, fd = fresh_entry(parent, f".{self.path.name[:100]}.", ".partial", _new_file)
             self.f: BinaryIO = os.fdopen(fd, "wb")
+        self.done = False
+
+    @contextmanager
+    def _discard_on_error(self) -> Iterator[None]:
+        """Remove the temporary file on any failure; an OSError becomes a message naming the target, not the temp."""
+        try:
+            yield
         except OSError as e:
             self.discard()
             raise write_error(e, self.path) from None
         except BaseException:
             self.discard()
             raise
-        self.done = False
 
     def commit(self) -> None:
         """Flush to disk and rename into place; on any failure the temporary file is removed."""
-        try:
+        with self._discard_on_error():
             self.f.flush()
             os.fsync(self.f.fileno())
             self.f.close()
             os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.discard()
-            raise write_error(e, self.path) from None
-        except BaseException:
-            self.discard()
-            raise
         self.done = True
         self._release()
 
