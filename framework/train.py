@@ -187,8 +187,29 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]
         return _run(cfg, callbacks)
 
 
+def set_cpu_threads(cfg: DictConfig) -> int | None:
+    """A CPU run uses `cpu_threads` torch threads (auto: the idle cores), unless OMP_NUM_THREADS already decides.
+    Returns the count set, or None when the run is on a GPU or the environment chose."""
+    setting = cfg.get("cpu_threads", "auto")
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accel == "cpu" or (accel == "auto" and not torch.cuda.is_available())
+    if not on_cpu or setting is None or (setting == "auto" and "OMP_NUM_THREADS" in os.environ):
+        return None
+    if setting == "auto":
+        from memfit.kernels.cpu import idle_cores
+
+        n = idle_cores()
+    elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
+        n = setting
+    else:
+        raise ValueError(f"cpu_threads={setting!r} is not valid: auto or an integer >= 1")
+    torch.set_num_threads(n)
+    return n
+
+
 def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     validate(cfg)
+    set_cpu_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
     storage = build_storage(cfg.get("storage"))

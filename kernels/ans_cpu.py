@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memfit.kernels.cpu import idle_cores
+
 _SRC = Path(__file__).parent / "csrc" / "ans.cpp"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c++17"]
 
@@ -89,15 +91,7 @@ def cpu_threads(work: int, min_per_thread: int = MIN_WORK_PER_THREAD) -> int:
     counted as one) and by the work (MIN_WORK_PER_THREAD each). On a busy machine an extra thread only adds waiting:
     the call ends when its last thread does, and a thread whose core is taken by another process runs late (measured
     on a 2-core machine at load 5: 2 threads 12-24% slower than 1; tiny inputs paid the thread start for nothing)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        idle = cores - max(0.0, os.getloadavg()[0] - 1.0)
-    except (AttributeError, OSError):
-        idle = cores
-    return max(1, min(torch.get_num_threads(), cores, int(idle + 0.5), work // max(1, min_per_thread)))
+    return max(1, min(torch.get_num_threads(), idle_cores(), work // max(1, min_per_thread)))
 
 
 def to_i32_bits(x: torch.Tensor) -> torch.Tensor:

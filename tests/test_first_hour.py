@@ -148,3 +148,29 @@ def test_run_writes_its_results_json(fast_cfg, tmp_path):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["after"] == res["after"] and saved["trainable_params"] == res["trainable_params"]
     assert saved["train_loss"] == res["train_loss"]
+
+
+def test_cpu_runs_use_the_idle_cores(fast_cfg, monkeypatch):
+    """cpu_threads=auto: cores minus the other processes' load (closed form under a fixed load average); an explicit
+    count is used as given; OMP_NUM_THREADS in the environment decides over auto; GPU runs are left alone."""
+    import os
+
+    import memfit.kernels.cpu as cpu
+    from memfit.train import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(cpu, "usable_cores", lambda: 8)
+        for load, expect in ((0.0, 8), (3.2, 6), (7.9, 1), (40.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            assert cpu.idle_cores() == expect, load
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+        assert set_cpu_threads(fast_cfg("cpu_threads=auto")) == 5 and torch.get_num_threads() == 5
+        assert set_cpu_threads(fast_cfg("cpu_threads=3")) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(fast_cfg("cpu_threads=auto")) is None
+        with pytest.raises(ValueError, match="cpu_threads=0 is not valid"):
+            set_cpu_threads(fast_cfg("cpu_threads=0"))
+    finally:
+        torch.set_num_threads(before)
