@@ -90,15 +90,19 @@ def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dic
 
 def time_reference(base: list, ft: list) -> dict[str, float]:
     """The pure-torch path (what runs without a compiler) on one tensor."""
-    os.environ["MEMFIT_NO_NATIVE"] = "1"
     from memfit.compression import fmdelta_native
+    from memfit.kernels import native
+    from memfit.kernels.settings import SETTINGS
 
+    SETTINGS.native = False
     fmdelta_native.library.cache_clear()
+    native.load.cache_clear()
     try:
         return time_codec(base[:1], ft[:1], "cpu")
     finally:
-        del os.environ["MEMFIT_NO_NATIVE"]
+        SETTINGS.native = True
         fmdelta_native.library.cache_clear()
+        native.load.cache_clear()
 
 
 def time_zstd(base: list, ft: list, level: int = 3) -> dict[str, float]:

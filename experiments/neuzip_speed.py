@@ -18,6 +18,7 @@ import triton
 
 from memfit.kernels import ans_triton
 from memfit.kernels.ans import ans_decode
+from memfit.kernels.settings import SETTINGS
 from memfit.quant import neuzip_codec as codec
 from memfit.quant import neuzip_prefetch as pf
 from memfit.quant.neuzip import NeuZipTensor
@@ -134,12 +135,12 @@ def mlp_rows(spl: int, tokens: int = 4096, d: int = 4096, h: int = 14336) -> lis
     rows = [f"| dense | {t_dense * 1e3:.2f} | 1.00 |",
             f"| (3 fused dequantizes alone) | {t_dec * 1e3:.2f} | {t_dec / t_dense:.2f} |"]
     for name, on in (("NeuZip lossless, no prefetch", False), ("NeuZip lossless, side-stream prefetch", True)):
-        pf.ENABLED = on
+        SETTINGS.neuzip_prefetch = on
         pf.PREFETCH.reset()
         t = timed(lambda: step(zs["gate"], zs["up"], zs["down"]))
         rows.append(f"| {name} | {t * 1e3:.2f} | {t / t_dense:.2f} |")
         print(rows[-1], flush=True)
-    pf.ENABLED = False  # the library default
+    SETTINGS.neuzip_prefetch = False  # the library default
     z3 = {k: NeuZipTensor.from_dense(v, 3, symbols_per_lane=spl) for k, v in ws.items()}  # lossy: for comparison only
     t = timed(lambda: step(z3["gate"], z3["up"], z3["down"]))
     rows.append(f"| NeuZip 3-bit mantissa (lossy, not the target row), no prefetch | {t * 1e3:.2f} | {t / t_dense:.2f} |")

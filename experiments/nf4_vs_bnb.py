@@ -24,6 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from memfit.kernels.nf4 import unpack_nibbles
+from memfit.kernels.settings import SETTINGS
 from memfit.quant import NF4Tensor
 
 try:  # the peer; only --make-real runs without it
@@ -132,18 +133,17 @@ def host_us(f, x: torch.Tensor, calls: int = 2000) -> float:
 def host_rows(shapes: list[tuple[int, int]]) -> list[dict]:
     """1-token forward, wall clock per call: bitsandbytes, ours through Triton's launch and through kernels/launch
     (MEMFIT_FAST_LAUNCH's path), and dense bf16, in one process on the same input."""
-    from memfit.kernels import launch
 
     rows = []
     for out_f, in_f in shapes:
         lin_b, q, wd = linear_pair(out_f, in_f)
         x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
         row = {"shape": f"{out_f}x{in_f}", "bnb_us": host_us(lin_b, x)}
-        was = launch.ENABLED
+        was = SETTINGS.fast_launch
         for name, on in (("ours_triton_launch_us", False), ("ours_fast_launch_us", True)):
-            launch.ENABLED = on
+            SETTINGS.fast_launch = on
             row[name] = host_us(lambda t, q=q: F.linear(t, q), x)
-        launch.ENABLED = was
+        SETTINGS.fast_launch = was
         row["dense_us"] = host_us(lambda t, w=wd: F.linear(t, w), x)
         row["bnb/ours_fast"] = row["bnb_us"] / row["ours_fast_launch_us"]
         rows.append(row)

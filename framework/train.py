@@ -27,6 +27,7 @@ from memfit.assemble import assemble
 from memfit.callbacks.guard import FiniteLossGuard
 from memfit.callbacks.monitor import ThroughputMonitor
 from memfit.config import CONF_DIR, build, check_choice
+from memfit.kernels.settings import configure as configure_kernels
 from memfit.module import LMModule
 from memfit.parallel.slurm import SlurmRequeue, on_slurm
 from memfit.quant.storage import build_storage
@@ -210,6 +211,7 @@ def set_cpu_threads(cfg: DictConfig) -> int | None:
 def _run(cfg: DictConfig, callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     validate(cfg)
     set_cpu_threads(cfg)
+    configure_kernels(**(cfg.get("kernels") or {}))
     L.seed_everything(cfg.seed, workers=True)
     t_start = time.perf_counter()
     storage = build_storage(cfg.get("storage"))

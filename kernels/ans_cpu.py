@@ -1,70 +1,33 @@
 """CPU path of the rANS coder: kernels/csrc/ans.cpp compiled on first use and called through ctypes.
 
 Why ctypes and not torch.utils.cpp_extension: the coder needs no torch headers, so a plain `g++ -O3` build takes about a
-second instead of a minute, needs no ninja, and the same .so serves any torch version. The build is cached under
-`$MEMFIT_CACHE` (default ~/.cache/memfit/kernels), keyed by the source, the flags and the CPU model, and written
-atomically so concurrent first uses are safe. `lib()` returns None when no compiler is available: callers then fall
+second instead of a minute, needs no ninja, and the same .so serves any torch version. The build is cached by
+memfit.kernels.native (one builder for every C++ codec). `lib()` returns None when no compiler is available: callers then fall
 back to the torch reference (kernels/ans_ref.py), which is bit-identical but slow.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from memfit.kernels import native
 from memfit.kernels.cpu import idle_cores
 
 _SRC = Path(__file__).parent / "csrc" / "ans.cpp"
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c++17"]
 
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(out: Path) -> None:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_so = Path(tmp) / out.name
-        subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", str(tmp_so)], check=True, capture_output=True, text=True)
-        os.replace(tmp_so, out)
-
-
 @lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL | None:
-    """The compiled coder, building it on first use; None (with a warning) when it cannot be built."""
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "kernels"
-    so = cache / f"ans_{platform.machine()}_{key}.so"
-    try:
-        if not so.exists():
-            _build(so)
-        dll = ctypes.CDLL(str(so))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"rANS C++ coder unavailable, using the slow torch reference: {detail[:500]}", stacklevel=2)
+    """The compiled coder (memfit.kernels.native builds and caches it); None when it cannot be built."""
+    dll = native.load("ans", str(_SRC))
+    if dll is None:
         return None
     dll.ans_histogram.argtypes = [_ptr, _i64, _ptr, _i32]
     dll.ans_histogram.restype = None

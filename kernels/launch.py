@@ -18,13 +18,12 @@ interpreter Triton returns no compiled kernel, so every call takes the ordinary 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-ENABLED = os.environ.get("MEMFIT_FAST_LAUNCH", "0") == "1"  # unverified on a GPU yet: opt-in
+from memfit.kernels.settings import SETTINGS
 
 
 def _spec(args: Sequence[Any]) -> tuple | None:
@@ -90,7 +89,7 @@ class Fast:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: Sequence[int], args: tuple, kwargs: dict[str, Any]) -> None:
-        hooks = _hooks() if ENABLED and self.names is not None else None
+        hooks = _hooks() if SETTINGS.fast_launch and self.names is not None else None
         spec = _spec(args) if hooks is not None and not any(map(_active, hooks)) else None
         if spec is None:
             self.kernel[grid](*args, **kwargs)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from memfit.kernels.settings import SETTINGS
+
 C = TypeVar("C")
 FORMAT = 1  # bump when the entry layout changes: older files are then ignored
 
@@ -52,9 +54,9 @@ def fastest(cands: Sequence[C], run: Callable[[C], object], *, warmup: int = 5, 
 
 def cache_path() -> Path | None:
     """Where picks persist, or None when the disk cache is switched off."""
-    env = os.environ.get("MEMFIT_TUNE_CACHE")
-    if env is not None:
-        return None if env in ("", "0") else Path(env)
+    chosen = SETTINGS.tune_cache
+    if chosen is not None:
+        return None if chosen in ("", "0") else Path(chosen)
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "memfit" / "tune.json"
 

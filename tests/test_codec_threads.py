@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from memfit.compression import fmdelta_native
 from memfit.compression.fmdelta_codec import decode_delta, encode_delta
-from memfit.kernels import ans_cpu
+from memfit.kernels import ans_cpu, cpu
 from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: below it a torch op runs on the calling thread
@@ -94,7 +94,7 @@ def test_two_threads_not_slower_than_one_on_small_tensors() -> None:
 def test_thread_count_follows_cores_load_and_work(monkeypatch) -> None:
     """cpu_threads: torch's setting, capped by the usable cores, the idle ones (load average, this process counted
     as one) and the work; never below 1."""
-    monkeypatch.setattr(ans_cpu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
@@ -103,10 +103,10 @@ def test_thread_count_follows_cores_load_and_work(monkeypatch) -> None:
             ((1.0, 3 * ans_cpu.MIN_WORK_PER_THREAD), 3), ((1.0, 100), 1), ((1.0, 0), 1),
         ]
         for (load, work), want in cases:
-            monkeypatch.setattr(ans_cpu.os, "getloadavg", lambda load=load: (load, load, load))
+            monkeypatch.setattr(cpu.os, "getloadavg", lambda load=load: (load, load, load))
             assert ans_cpu.cpu_threads(work) == want, (load, work)
         torch.set_num_threads(32)
-        monkeypatch.setattr(ans_cpu.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+        monkeypatch.setattr(cpu.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
         assert ans_cpu.cpu_threads(1 << 30) == 16  # no more than the cores
     finally:
         torch.set_num_threads(old)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from memfit.kernels import launch
+from memfit.kernels.settings import SETTINGS
 
 
 class FakeCompiled:
@@ -44,7 +45,7 @@ class FakeKernel:
 
 @pytest.fixture
 def fast(monkeypatch):
-    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(SETTINGS, "fast_launch", True)
     monkeypatch.setattr(launch, "_device_and_stream", lambda: (0, 1234))
     monkeypatch.setattr(launch, "_hooks", lambda: (None, None))
     k = FakeKernel()
@@ -102,13 +103,13 @@ def test_hooks_unknown_args_and_off_switch_take_tritons_path(fast, monkeypatch):
     assert k.log[-1][0] == "jit"
     monkeypatch.setattr(launch, "_hooks", lambda: (None, None))
     f[(1,)](x, 16, "not a scalar Triton knows", BLOCK=128)
-    monkeypatch.setattr(launch, "ENABLED", False)
+    monkeypatch.setattr(SETTINGS, "fast_launch", False)
     f[(1,)](x, 16, 0.5, BLOCK=128)
     assert k.compiles == 5 and [e[0] for e in k.log] == ["jit", "jit", "run", "jit", "jit", "jit"]
 
 
 def test_kernel_without_params_is_never_cached(monkeypatch):
-    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(SETTINGS, "fast_launch", True)
     calls = []
 
     class Interpreted:  # like triton's InterpretedFunction: no `params`, returns nothing

@@ -12,14 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memfit.kernels.settings import SETTINGS
 from memfit.quant import neuzip_codec as codec
 from memfit.quant.neuzip import NeuZipTensor
 
 INTERPRETED = r'''
 import torch
 from memfit.quant import neuzip_codec as codec
+from memfit.kernels.settings import SETTINGS
 from memfit.quant.neuzip import NeuZipTensor
 from memfit.kernels import ans, ans_triton
+from memfit.kernels.settings import SETTINGS
 from tests.test_neuzip import _adversarial
 
 def bits(t):
@@ -118,11 +121,11 @@ def test_gpu_prefetch_mlp_bit_exact():
 
     y_ref, g_ref = step(*ws)
     pf.PREFETCH.reset()
-    was, pf.ENABLED = pf.ENABLED, True
+    was, SETTINGS.neuzip_prefetch = SETTINGS.neuzip_prefetch, True
     try:
         for _ in range(3):  # the first step learns the order; later ones prefetch
             y, gx = step(*zs)
             assert torch.equal(y, y_ref) and torch.equal(gx, g_ref)
     finally:
-        pf.ENABLED = was
+        SETTINGS.neuzip_prefetch = was
     assert pf.PREFETCH.hits >= 4

@@ -120,8 +120,8 @@ def test_linear_dispatch_fwd_bwd_on_cuda(m):
 def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
     """kernels/launch.Fast (compiled-kernel reuse) gives bit-identical results to Triton's own launch path for every
     fused-kernel kind, with aligned and misaligned inputs and shapes alternating (new specialisations, then reuse)."""
-    from memfit.kernels import launch
     from memfit.kernels.nf4_matmul import MMConfig, nf4_matmul
+    from memfit.kernels.settings import SETTINGS
     from memfit.quant.nf4_double import dynamic_code
 
     cases = []
@@ -140,9 +140,9 @@ def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
         return [nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, code8, cfg)
                 for a, q, n, k, trans, cfg in cases]
 
-    monkeypatch.setattr(launch, "ENABLED", False)
+    monkeypatch.setattr(SETTINGS, "fast_launch", False)
     ref = run_all()
-    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(SETTINGS, "fast_launch", True)
     for _ in range(3):  # first pass compiles or finds each specialisation, later passes reuse them
         got = run_all()
         assert all(torch.equal(g, r) for g, r in zip(got, ref))

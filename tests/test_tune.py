@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("triton")
 import triton.testing  # noqa: E402
 
+from memfit.kernels.settings import SETTINGS
 from memfit.kernels.tune import fastest  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def bench(monkeypatch, tmp_path):
     """triton's timer replaced by the candidate's known time; the disk cache in a fresh temporary file."""
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: fn())
     path = tmp_path / "cache" / "tune.json"
-    monkeypatch.setenv("MEMFIT_TUNE_CACHE", str(path))
+    monkeypatch.setattr(SETTINGS, "tune_cache", str(path))
     return path
 
 
@@ -95,7 +96,7 @@ def test_tuned_all_failed_is_not_cached_and_off_switch(bench, monkeypatch):
     run = _counting_run({}, calls)
     assert tuned("k", (1,), ["x", "y"], run, device="cpu", source_file=__file__) == "x"
     assert not bench.exists() or json.loads(bench.read_text()) == {}
-    monkeypatch.setenv("MEMFIT_TUNE_CACHE", "0")
+    monkeypatch.setattr(SETTINGS, "tune_cache", "0")
     ok = _counting_run({"x": 1.0}, calls)
     assert tuned("k", (1,), ["x"], ok, device="cpu", source_file=__file__) == "x"
     assert not bench.exists() or json.loads(bench.read_text()) == {}
@@ -120,7 +121,7 @@ def test_tuned_unwritable_cache_warns_and_still_picks(bench, monkeypatch, tmp_pa
 
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setenv("MEMFIT_TUNE_CACHE", str(blocker / "tune.json"))  # parent is a file: cannot be created
+    monkeypatch.setattr(SETTINGS, "tune_cache", str(blocker / "tune.json"))  # parent is a file: cannot be created
     with pytest.warns(UserWarning, match="could not be written"):
         assert tuned("k", (1,), ["a", "b"], _counting_run({"a": 2.0, "b": 1.0}, []), device="cpu",
                      source_file=__file__) == "b"

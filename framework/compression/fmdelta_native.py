@@ -8,16 +8,14 @@ runs at ~50-130 MB/s on 2 cores; fused in one loop per block it is memory-bound.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import logging
-import os
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from memfit.kernels import native
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "fmdelta.cpp"
@@ -27,37 +25,12 @@ _INT = ctypes.c_int
 _U64 = ctypes.c_uint64
 
 
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")).expanduser()
-    d = root / "native"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _compile(src: Path) -> Path:
-    """Build the shared library once per (source, host) and cache it; a file lock makes parallel builds safe."""
-    tag = hashlib.sha256(src.read_bytes() + os.uname().nodename.encode() + os.uname().machine.encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"fmdelta-{tag}.so"
-    with open(lib.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not lib.exists():
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cxx = os.environ.get("CXX", "g++")
-            cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", str(src), "-o", str(tmp)]
-            subprocess.run(cmd, check=True, capture_output=True)
-            tmp.rename(lib)
-    return lib
-
-
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled library, or None (with one warning) when no C++ compiler works: callers fall back to torch."""
-    if os.environ.get("MEMFIT_NO_NATIVE"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(_compile(SOURCE)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("FM-Delta native CPU codec unavailable (%s); using the slower torch path", e)
+    """The compiled library (memfit.kernels.native builds and caches it), or None when it cannot be built or native
+    code is switched off: callers fall back to torch."""
+    lib = native.load("fmdelta", str(SOURCE))
+    if lib is None:
         return None
     lib.fmd_encode.argtypes = [_P, _P, _I64, _INT, _INT, _U64, _I64, _P, _P, _P, _P, _INT]
     lib.fmd_encode.restype = _I64

@@ -11,19 +11,18 @@ Autograd saves only the NeuZipTensor (the compressed form); the dense weight is 
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from memfit.kernels.settings import SETTINGS
 from memfit.quant.neuzip import NeuZipTensor, _Store, decode_store
 
 # Off by default: on an H200 (experiments/results/neuzip_speed.md, Llama-3-8B MLP block, 4096 tokens) the side-stream
 # decode competes with the matmul for SMs and the block took 1.56x dense with it vs 1.40x without. Set
 # MEMFIT_NEUZIP_PREFETCH=1 (or this flag) to try it on other shapes.
-ENABLED = os.environ.get("MEMFIT_NEUZIP_PREFETCH", "0") == "1"
 
 
 class Prefetcher:
@@ -87,7 +86,7 @@ PREFETCH = Prefetcher()
 
 
 def _dense(w: NeuZipTensor, direction: str) -> torch.Tensor:
-    if ENABLED and w.device.type == "cuda":
+    if SETTINGS.neuzip_prefetch and w.device.type == "cuda":
         return PREFETCH.get(w, direction)
     return w.dequantize()
 
