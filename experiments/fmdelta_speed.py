@@ -7,7 +7,9 @@ and zstd-3 of base XOR fine-tuned as the generic peer (CPU). MB/s = raw fine-tun
 .md): the reference C++ core, single-threaded, ~110 MB/s encode, ~75 MB/s decode. Targets: >= 300 MB/s on 2 CPU cores,
 >= 5 GB/s on GPU. Writes experiments/results/fmdelta_speed_<device>.md.
 Usage: python experiments/fmdelta_speed.py [--device cpu|cuda] [--tensors 16] [--numel 16777216] [--dtype fp32]
-       [--reserve] [--profile] [--spl 256,512]
+       [--reserve] [--profile] [--spl 256,512] [--threads 1,0] [--tag NAME]
+--threads (cpu): the native codec at each of these torch thread counts (0 = torch's default, i.e. all cores), to show
+that more threads are never slower than one; --tag names the result file (fmdelta_speed_cpu_<tag>.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from memfit.kernels.cpu import usable_cores
 from memfit.compression.fmdelta_codec import decode_delta, encode_delta
 
 OUT = Path(os.environ.get("FMDELTA_OUT", Path(__file__).resolve().parent / "results"))
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--spl", default="", help="cuda: comma-separated rANS symbols per lane to compare (default: "
                     "the codec's)")
     ap.add_argument("--profile", action="store_true", help="cuda: print the kernel time table of one tensor")
+    ap.add_argument("--threads", default="", help="cpu: comma-separated torch thread counts to time the native "
+                    "codec at (0 = the default); default: the current setting only")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--reserve", action="store_true", help="cuda: before the first pass, reserve (allocate and free) "
                     "3x the model's bytes in torch's caching allocator, to tell the first pass's device allocations "
                     "apart from the codec")
@@ -163,7 +169,16 @@ def main() -> None:
     name = "FM-Delta (" + (f"native C++, {torch.get_num_threads()} threads" if a.device == "cpu"
                            else "Triton kernels + Triton rANS") + ")"
     first = ", first pass in the process" + (" (device memory reserved beforehand)" if a.reserve else "")
-    rows = {name + (first if a.device == "cuda" else ""): time_codec(base, ft, a.device)}
+    default_threads = torch.get_num_threads()
+    if a.device == "cpu" and a.threads:
+        rows = {}
+        for n in [int(x) for x in a.threads.split(",")]:
+            torch.set_num_threads(n or default_threads)
+            rows[f"FM-Delta (native C++, torch threads {n or default_threads}{'' if n else ' = default'})"] = \
+                time_codec(base, ft, "cpu")
+        torch.set_num_threads(default_threads)
+    else:
+        rows = {name + (first if a.device == "cuda" else ""): time_codec(base, ft, a.device)}
     if a.device == "cuda":  # the first pass of a fresh process is slower (see the note in the output)
         rows[name + ", second pass"] = time_codec(base, ft, a.device)
     if a.device == "cpu":
@@ -189,14 +204,14 @@ def main() -> None:
     target = 5000 if a.device == "cuda" else 300
     lines = [f"# FM-Delta throughput on {a.device} ({dev})", "",
              f"torch {torch.__version__}, triton {triton.__version__}, zstandard {zv}, threads "
-             f"{torch.get_num_threads()}, cores {os.cpu_count()}; THP_MEM_ALLOC_ENABLE="
+             f"{torch.get_num_threads()}, cores {os.cpu_count()} (usable {usable_cores()}); THP_MEM_ALLOC_ENABLE="
              f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (torch's huge-page CPU allocations); pair: {a.tensors} x "
              f"{a.numel} {a.dtype} "
              "(synthetic Adam-like fine-tune, see script docstring). Target: >= "
              f"{target} MB/s; anchor: reference C++ core 110 MB/s encode / 75 MB/s decode (1 thread).",
              f"Load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load0)}, after: "
              f"{' '.join(f'{x:.2f}' for x in load1)}" + (" - the CPU is shared with other jobs, so wall-clock MB/s "
-             "is what this process got, not what 2 free cores give; 'MB per CPU-s' = raw bytes / CPU seconds of "
+             "is what this process got, not what free cores give; 'MB per CPU-s' = raw bytes / CPU seconds of "
              "this process (all its threads), i.e. the per-core throughput independent of the contention." if
              a.device == "cpu" else "."), "",
              "| codec | raw MB | ratio | compress MB/s | decompress MB/s | vs anchor enc/dec | compress MB per CPU-s |"
@@ -211,7 +226,7 @@ def main() -> None:
               "wrote); device MB newly reserved = growth of torch's CUDA caching allocator (cudaMalloc) during the "
               "row, warm-up included."]
     suffix = ("_reserved" if a.reserve and a.device == "cuda" else "") + (
-        "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "")
+        "_thp" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else "") + (f"_{a.tag}" if a.tag else "")
     (OUT / f"fmdelta_speed_{a.device}{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

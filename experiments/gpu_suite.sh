@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One single-GPU device call: the per-issue benchmarks, the headline and NeuZip memory tables, then every `-m gpu`
+# One single-GPU device call: the app's GPU composition matrix first, then the per-issue benchmarks, the headline and NeuZip memory tables, then every `-m gpu`
 # test. Each stage runs under its own time cap (SIGKILL, so nothing it started outlives it) so one slow stage cannot
 # eat the others; every script writes its table as it goes, so a capped stage keeps what it measured. The tests come
 # last: a killed test run can leave worker processes that share the GPU with whatever runs next and skew its timings.
@@ -10,12 +10,18 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TQDM_DISABLE=1 TRANSFORMERS_VERBOSITY=error
 OUT=${OUT:-/tmp/gpu_suite}; mkdir -p "$OUT"; export OUT
-STAGES=${STAGES:-"nf4 cce fmdelta neuzip anslayout headline nzmem tests"}
+STAGES=${STAGES:-"app nf4 cce fmdelta fmthreads neuzip anslayout headline nzmem tests"}
 T0=$(date +%s)
 stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 source experiments/device_env.sh
 cap() { local t=$1; shift; timeout -s KILL "$t" "$@"; }
+if want app; then
+  stamp "app matrix (pytest -m gpu tests/test_app_gpu.py tests/test_checkpointing.py)"
+  cap "${T_APP:-240}" python3 -m pytest -q -m gpu tests/test_app_gpu.py tests/test_checkpointing.py -p no:cacheprovider \
+    -p no:randomly -rf --tb=short > "$OUT/pytest_app_gpu.txt" 2>&1
+  tail -15 "$OUT/pytest_app_gpu.txt"
+fi
 if want nf4; then
   stamp "nf4_vs_bnb"
   cap "${T_NF4:-130}" python3 experiments/nf4_vs_bnb.py --out "$OUT/nf4_vs_bnb.md" > "$OUT/nf4_log.txt" 2>&1
@@ -38,6 +44,14 @@ if want fmdelta; then
   THP_MEM_ALLOC_ENABLE=1 FMDELTA_OUT=$OUT cap "${T_FMDELTA:-70}" python3 experiments/fmdelta_speed.py --device cuda \
     --reserve > "$OUT/fmdelta_thp_log.txt" 2>&1
   grep "first pass" "$OUT/fmdelta_thp_log.txt"
+fi
+if want fmthreads; then
+  stamp "fmdelta CPU codec at 1 thread and at the default (all cores of this machine)"
+  FMDELTA_OUT=$OUT cap "${T_FMTHREADS:-120}" python3 experiments/fmdelta_speed.py --device cpu --threads 1,0 \
+    --tensors 8 --numel 8388608 --tag large > "$OUT/fmthreads_log.txt" 2>&1
+  FMDELTA_OUT=$OUT cap "${T_FMTHREADS:-120}" python3 experiments/fmdelta_speed.py --device cpu --threads 1,0 \
+    --tensors 64 --numel 65536 --tag small >> "$OUT/fmthreads_log.txt" 2>&1
+  grep -h "^| FM" "$OUT"/fmdelta_speed_cpu_*.md
 fi
 if want neuzip; then
   stamp "neuzip_speed"
@@ -62,7 +76,9 @@ if want nzmem; then
 fi
 if want tests; then
   stamp "pytest -m gpu"
-  cap "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests -p no:cacheprovider -rf --tb=short --durations=10 \
+  skip=(); want app && skip=(--ignore tests/test_app_gpu.py --ignore tests/test_checkpointing.py)
+  cap "${T_TESTS:-200}" python3 -m pytest -q -m gpu tests "${skip[@]}" -p no:cacheprovider -p no:randomly -rf \
+    --tb=short --durations=10 \
     > "$OUT/pytest_gpu.txt" 2>&1
   tail -25 "$OUT/pytest_gpu.txt"
 fi
