@@ -130,9 +130,9 @@ AUTOTUNE_MIN_MACS = 1 << 36  # below ~0.2 ms of tensor-core work per call the ti
 
 
 def _autotune_on() -> bool:
-    import os
+    from memfit.kernels.settings import SETTINGS
 
-    return os.environ.get("CCE_AUTOTUNE", "1") != "0" and not torch.cuda.is_current_stream_capturing()
+    return SETTINGS.cce_autotune and not torch.cuda.is_current_stream_capturing()
 
 
 def _tuned(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor, softcap: float | None,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from memfit.kernels.nf4 import dequantize_nf4_reference, nf4_code, nf4_code_pairs
+from memfit.kernels.settings import SETTINGS
 
 try:  # triton is optional on CPU-only machines
     import triton
@@ -452,7 +453,7 @@ def _autotune(key: tuple, run: object, cands: list[MMConfig]) -> MMConfig:
     """Time each candidate once per (shape, direction, row bucket, dtype, device); keep the fastest."""
     from memfit.kernels.tune import tuned
 
-    verbose = os.environ.get("NF4_MM_VERBOSE") == "1"
+    verbose = SETTINGS.nf4_verbose
     log = (lambda c, t: print(f"nf4_matmul autotune {key[:4]} {c}: {1000 * t:.1f} us", flush=True)) if verbose else None
     _CONFIGS[key] = tuned("nf4_matmul", key[:-1], cands, run, device=key[-1], source_file=__file__, log=log)
     return _CONFIGS[key]
@@ -484,7 +485,7 @@ def nf4_matmul(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor
         if config is None:
             cands = candidate_configs(n, k, trans, _sm_count(a.device), m, block_size)
             if (a.is_cuda and not torch.cuda.is_current_stream_capturing()
-                    and os.environ.get("NF4_MM_AUTOTUNE", "1") != "0"):
+                    and SETTINGS.nf4_autotune):
                 config = _autotune(key, lambda c: _launch(a, packed, scales, offset, code8, n, k, block_size,
                                                           trans, c, out), cands)
             else:

@@ -8,7 +8,8 @@ run config (`kernels:` in conf/train.yaml, applied by `configure`), so nothing i
     fast_launch      MEMFIT_FAST_LAUNCH=1    relaunch compiled NF4 kernels without Triton's binder (opt-in)
     neuzip_prefetch  MEMFIT_NEUZIP_PREFETCH=1  decode the next NeuZip weight on a side stream (opt-in)
     native           MEMFIT_NO_NATIVE=1      use the compiled C++ codecs on the CPU (default on; off: torch paths)
-    cache_dir        MEMFIT_CACHE            where compiled native libraries and caches live (~/.cache/memfit)
+    cache_dir        MEMFIT_CACHE            where compiled native libraries and tile timings live ($XDG_CACHE_HOME/memfit,
+                                             else ~/.cache/memfit)
     cxx              CXX                     the C++ compiler for the native codecs (default: g++, c++ or clang++)
 """
 
@@ -25,6 +26,10 @@ def _on(name: str, default: bool) -> bool:
     return default if v is None else v not in ("", "0")
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 @dataclass
 class Settings:
     tune_cache: str | None = None
@@ -34,7 +39,7 @@ class Settings:
     fast_launch: bool = False
     neuzip_prefetch: bool = False
     native: bool = True
-    cache_dir: str = str(Path.home() / ".cache" / "memfit")
+    cache_dir: str = str(_cache_root() / "memfit")
     cxx: str | None = None
 
     @classmethod
@@ -43,7 +48,7 @@ class Settings:
                    nf4_autotune=_on("NF4_MM_AUTOTUNE", True), nf4_verbose=_on("NF4_MM_VERBOSE", False),
                    fast_launch=_on("MEMFIT_FAST_LAUNCH", False), neuzip_prefetch=_on("MEMFIT_NEUZIP_PREFETCH", False),
                    native=not _on("MEMFIT_NO_NATIVE", False),
-                   cache_dir=os.environ.get("MEMFIT_CACHE") or str(Path.home() / ".cache" / "memfit"),
+                   cache_dir=os.environ.get("MEMFIT_CACHE") or str(_cache_root() / "memfit"),
                    cxx=os.environ.get("CXX"))
 
 

@@ -57,8 +57,7 @@ def cache_path() -> Path | None:
     chosen = SETTINGS.tune_cache
     if chosen is not None:
         return None if chosen in ("", "0") else Path(chosen)
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "memfit" / "tune.json"
+    return Path(SETTINGS.cache_dir) / "tune.json"
 
 
 @functools.cache
