@@ -16,6 +16,33 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+# The public API: name -> the module defining it. Resolved on first use (PEP 562), so `import memfit` stays light
+# (no torch, Lightning or Triton import until a name is asked for).
+_API = {
+    # the app: compose a config, assemble the model it names, train
+    "compose": "memfit.config", "assemble": "memfit.assemble", "run": "memfit.train",
+    # a finished run: its weights and config back; export as an HF directory
+    "load_full_state": "memfit.runs", "run_model": "memfit.runs", "export_hf": "memfit.export",
+    # the pieces, usable without the app
+    "apply_adapter": "memfit.adapters", "build_storage": "memfit.quant.storage",
+    "compress_dir": "memfit.compression.fmdelta_dir", "decompress_dir": "memfit.compression.fmdelta_dir",
+    "linear_cross_entropy": "memfit.kernels.cce", "quantize_nf4": "memfit.kernels.nf4",
+    "dequantize_nf4": "memfit.kernels.nf4", "ans_encode": "memfit.kernels.ans", "ans_decode": "memfit.kernels.ans",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _API:
+        raise AttributeError(f"module 'memfit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_API[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
 
 def _register_checkout_kernels() -> None:
     here = Path(__file__).resolve().parent

@@ -110,3 +110,19 @@ def test_old_module_spelling_still_runs_from_the_root():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "_target_: memfit.data.datamodule.TaskSuiteData" in out.stdout and "name: lora" in out.stdout
+
+
+def test_public_api_names_resolve_to_their_definitions():
+    """Every name in memfit.__all__ is the object its defining module holds (a stale entry fails here)."""
+    import importlib
+
+    import memfit
+
+    for name in memfit.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(memfit, name)
+        assert obj is getattr(importlib.import_module(memfit._API[name]), name), name
+        assert callable(obj), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        memfit.nope  # noqa: B018
