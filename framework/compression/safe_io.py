@@ -236,7 +236,7 @@ class StagedDir:
         self._dirs: set[PurePosixPath] = set()
         self._open: tuple[PurePosixPath, BinaryIO] | None = None
         self.merge = self.target.is_dir()
-        try:
+        with self._discard_on_error():
             if self.merge:
                 self.stage, _ = fresh_entry(self.target, ".partial-", "", os.mkdir)
             else:
@@ -245,6 +245,12 @@ class StagedDir:
                         p.mkdir()
                         self.created.append(p)
                 self.stage, _ = fresh_entry(self.target.parent, f".{self.target.name[:100]}.partial-", "", os.mkdir)
+
+    @contextmanager
+    def _discard_on_error(self) -> Iterator[None]:
+        """Any failure removes what was staged; an OSError comes out as one message naming the target."""
+        try:
+            yield
         except OSError as e:
             self.discard()
             raise write_error(e, self.target, "write into") from None
@@ -286,7 +292,7 @@ class StagedDir:
 
     def commit(self) -> None:
         """Move every staged file into the target (all destinations are checked before the first move)."""
-        try:
+        with self._discard_on_error():
             self.close_current()
             if not self.merge:
                 os.rename(self.stage, self.target)
@@ -297,12 +303,6 @@ class StagedDir:
                     for p in reversed([*dst.relative_to(self.target).parents][:-1]):
                         (self.target / p).mkdir(exist_ok=True)
                     os.replace(self.stage.joinpath(*rel.parts), dst)
-        except OSError as e:
-            self.discard()
-            raise write_error(e, self.target, "write into") from None
-        except BaseException:
-            self.discard()
-            raise
         self.created.clear()
         self.discard()
 
