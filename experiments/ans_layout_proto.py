@@ -1,6 +1,6 @@
 """Would a different rANS word layout or decode table make NeuZip's decode faster? A measurement before a format change.
 
-Today (kernels/ans.py) each lane's 16-bit words are stored contiguously, lane after lane, so at every step the lanes
+Today (kernels/ans/__init__.py) each lane's 16-bit words are stored contiguously, lane after lane, so at every step the lanes
 of a warp that renormalise read from up to 32 far-apart addresses, and the slot table holds 8 bytes per slot (32 KiB
 at 12 probability bits). Two candidates, each checked bit-exact against the library decoder on the same stream:
 - grouped words: the words of a group of G consecutive lanes interleaved in the order they are read (step by step,
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memfit.kernels.ans import ANS_L, ans_encode  # noqa: E402
-from memfit.kernels.ans_triton import launch_decode, slot_table  # noqa: E402
+from memfit.kernels.ans.gpu import launch_decode, slot_table  # noqa: E402
 
 
 @triton.jit

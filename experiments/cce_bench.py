@@ -182,8 +182,8 @@ def agreement(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, peer: Callable)
 
 def sweep(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> None:
     """Time the raw Triton kernels over a few tile configs (to pick the defaults)."""
-    from memfit.kernels.cce_bwd import grad_triton
-    from memfit.kernels.cce_fwd import stats_triton
+    from memfit.kernels.cce.bwd import grad_triton
+    from memfit.kernels.cce.fwd import stats_triton
 
     tgt = t.long()
     # (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)

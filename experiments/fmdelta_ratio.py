@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from memfit.compression.fmdelta_codec import FORMATS, encode_delta
+from memfit.kernels.fmdelta import FORMATS, encode_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results"

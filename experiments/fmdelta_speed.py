@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from memfit.kernels.cpu import usable_cores
-from memfit.compression.fmdelta_codec import decode_delta, encode_delta
+from memfit.kernels.fmdelta import decode_delta, encode_delta
 
 OUT = Path(os.environ.get("FMDELTA_OUT", Path(__file__).resolve().parent / "results"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,8 +93,8 @@ def time_codec(base: list, ft: list, device: str, spl: int | None = None) -> dic
 
 def time_reference(base: list, ft: list) -> dict[str, float]:
     """The pure-torch path (what runs without a compiler) on one tensor."""
-    from memfit.compression import fmdelta_native
     from memfit.kernels import native
+    from memfit.kernels.fmdelta import native as fmdelta_native
     from memfit.kernels.settings import SETTINGS
 
     SETTINGS.native = False

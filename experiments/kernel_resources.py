@@ -71,7 +71,7 @@ def resources(kernel) -> dict:
 
 def nf4_rows() -> list[tuple[str, dict]]:
     """The few-row NF4 kernels for the 4096x4096 candidates of the first-use autotune (forward 1 row, backward 1)."""
-    import memfit.kernels.nf4_matmul as nm
+    import memfit.kernels.nf4.matmul as nm
 
     common = {"a_ptr": "*bf16", "packed_ptr": "*u8", "s_ptr": "*fp32", "s2_ptr": "*fp32", "code_ptr": "*fp32",
               "code8_ptr": "*fp32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
@@ -99,7 +99,7 @@ def ans_rows() -> list[tuple[str, dict]]:
     """The fused NeuZip decode (bf16, lossless) with and without prefetch and 4-byte tables, and the layout
     prototype's grouped-word decoder."""
     from experiments.ans_layout_proto import _decode_proto
-    from memfit.kernels import ans_triton as at
+    from memfit.kernels.ans import gpu as at
 
     sig = {"words_ptr": "*i16", "offs_ptr": "*i64", "states_ptr": "*i64", "tab_ptr": "*i64", "packed_ptr": "*u8",
            "out_ptr": "*i16", "end_x_ptr": "*i64", "end_p_ptr": "*i64", "n": "i64", "lanes": "i64", "steps": "i32"}
@@ -123,7 +123,8 @@ def ans_rows() -> list[tuple[str, dict]]:
 
 def cce_rows() -> list[tuple[str, dict]]:
     """The CCE forward tiles the autotune times, with 32- and 64-bit element offsets, and the default backward."""
-    from memfit.kernels import cce_bwd, cce_fwd
+    from memfit.kernels.cce import bwd as cce_bwd
+    from memfit.kernels.cce import fwd as cce_fwd
 
     sig = {"E": "*bf16", "C": "*bf16", "Bias": "*bf16", "LsePart": "*fp32", "SPart": "*fp32", "N": "i32", "V": "i32",
            "D": "i32", "stride_e": "i32", "stride_c": "i32", "tiles_per_split": "i32", "softcap": "fp32"}

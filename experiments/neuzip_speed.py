@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from memfit.kernels import ans_triton
 from memfit.kernels.ans import ans_decode
+from memfit.kernels.ans import gpu as ans_triton
 from memfit.kernels.settings import SETTINGS
 from memfit.quant import neuzip_codec as codec
 from memfit.quant import neuzip_prefetch as pf

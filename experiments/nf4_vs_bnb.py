@@ -5,7 +5,7 @@
 2. Dequantize bandwidth (4-bit in + bf16 out) for 4096x4096 and 14336x4096.
 3. 4-bit Linear forward and forward+backward vs `bitsandbytes.nn.Linear4bit` (and dense bf16) at batch*seq 1/16/4096
    for 4096x4096, 14336x4096 and 4096x14336 (out x in). Ours dispatches by rows: the fused dequant-GEMM
-   (kernels/nf4_matmul.py, tile config autotuned on first use, listed in the output) up to FUSED_MAX_M rows, else
+   (kernels/nf4/matmul.py, tile config autotuned on first use, listed in the output) up to FUSED_MAX_M rows, else
    Triton dequantize + cuBLAS. Times are medians of CUDA-event timings (triton's do_bench, L2 flushed per call).
 
 usage: python experiments/nf4_vs_bnb.py [--real path.safetensors] [--out experiments/results/nf4_vs_bnb.md]
@@ -213,7 +213,7 @@ def main() -> None:
         host = table(host_rows([*shapes, (4096, 14336)]))
     except Exception as err:  # noqa: BLE001
         host = f"(failed: {type(err).__name__}: {err})"
-    from memfit.kernels.nf4_matmul import _CONFIGS
+    from memfit.kernels.nf4.matmul import _CONFIGS
 
     tuned = [{"direction": "x@W^T (fwd)" if not key[0] else "g@W (bwd)", "W (out x in)": f"{key[1]}x{key[2]}",
               "row_tile": key[3], "config": str(cfg)} for key, cfg in _CONFIGS.items()]

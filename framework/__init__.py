@@ -49,7 +49,7 @@ def _register_checkout_kernels() -> None:
     if (here / "kernels").is_dir() or "memfit.kernels" in sys.modules:
         return
     src = here.parent / "kernels"
-    if not (src / "cce.py").is_file():
+    if not (src / "settings.py").is_file():
         return
     spec = importlib.machinery.ModuleSpec("memfit.kernels", None, is_package=True)
     spec.submodule_search_locations = [str(src)]

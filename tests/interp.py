@@ -24,7 +24,12 @@ PACKAGE = "memfit.kernels"
 
 def triton_modules() -> list[str]:
     """Names of the kernels/ modules that define Triton functions (their interpreter mode is fixed at import)."""
-    return sorted(f"{PACKAGE}.{p.stem}" for p in (ROOT / "kernels").glob("*.py") if "@triton.jit" in p.read_text())
+    return sorted(_module_name(p) for p in (ROOT / "kernels").rglob("*.py") if "@triton.jit" in p.read_text())
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT / "kernels").with_suffix("").parts
+    return ".".join((PACKAGE, *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
 @contextmanager
@@ -44,9 +49,10 @@ def _env(value: str | None) -> Iterator[None]:
 
 
 def interpreted(filename: str) -> ModuleType:
-    """kernels/<filename> compiled under the Triton interpreter, as module `_interp_<stem>` (skips without triton)."""
+    """kernels/<filename> (e.g. "nf4/matmul.py") compiled under the Triton interpreter, as a private module (skips
+    without triton)."""
     pytest.importorskip("triton")
-    name = f"_interp_{Path(filename).stem}"
+    name = "_interp_" + filename.removesuffix(".py").replace("/", "_")
     with _env("1"):
         spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / filename)
         mod = importlib.util.module_from_spec(spec)
@@ -59,19 +65,20 @@ def interpreted(filename: str) -> ModuleType:
 def interpreter() -> Iterator[None]:
     """TRITON_INTERPRET=1 with fresh interpreted copies of the Triton-defining kernels modules for the duration."""
     pytest.importorskip("triton")
-    import memfit.kernels as package
+    import importlib
 
     names = triton_modules()
+    parents = {n: importlib.import_module(n.rsplit(".", 1)[0]) for n in names}
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    attrs = {n: getattr(package, n.rsplit(".", 1)[1]) for n in names if hasattr(package, n.rsplit(".", 1)[1])}
+    attrs = {n: getattr(parents[n], n.rsplit(".", 1)[1]) for n in names if hasattr(parents[n], n.rsplit(".", 1)[1])}
     with _env("1"):
         try:
             yield
         finally:
             for n in names:
                 sys.modules.pop(n, None)
-                if hasattr(package, n.rsplit(".", 1)[1]):
-                    delattr(package, n.rsplit(".", 1)[1])
+                if hasattr(parents[n], n.rsplit(".", 1)[1]):
+                    delattr(parents[n], n.rsplit(".", 1)[1])
             sys.modules.update(saved)
             for n, mod in attrs.items():
-                setattr(package, n.rsplit(".", 1)[1], mod)
+                setattr(parents[n], n.rsplit(".", 1)[1], mod)

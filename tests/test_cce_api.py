@@ -110,7 +110,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_custom_ops_pass_opcheck():
-    from memfit.kernels.cce_ops import cce_forward
+    from memfit.kernels.cce.ops import cce_forward
 
     e, c, t = _inputs(4)
     args = (e.requires_grad_(), c.requires_grad_(), None, t, -100, 0.0, 0.0, 0.0, 0.0, True, False, "torch")
@@ -142,7 +142,7 @@ def test_forward_split_fills_the_waves(row_blocks, v_tiles, slots):
     """Tiles per program: every tile covered, and the launch wastes little of its last wave against the ideal
     row_blocks * v_tiles / slots tile-times (the old rule, splits = ceil(2 * slots / row_blocks), left 2.4 waves of
     320 programs on 132 SMs for the benchmark shape)."""
-    from memfit.kernels.cce_fwd import split_tiles
+    from memfit.kernels.cce.fwd import split_tiles
 
     t = split_tiles(row_blocks, v_tiles, slots)
     splits = -(-v_tiles // t)

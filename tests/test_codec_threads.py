@@ -17,10 +17,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from memfit.compression import fmdelta_native
-from memfit.compression.fmdelta_codec import decode_delta, encode_delta
-from memfit.kernels import ans_cpu, cpu
+from memfit.kernels import cpu
 from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode
+from memfit.kernels.ans import native as ans_cpu
+from memfit.kernels.fmdelta import decode_delta, encode_delta
+from memfit.kernels.fmdelta import native as fmdelta_native
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: below it a torch op runs on the calling thread
 METADATA = {"__get__", "__getitem__", "__len__", "dim", "numel", "element_size", "data_ptr", "is_contiguous",

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from untrusted import specials
 
 from memfit.callbacks.fmdelta import FMDeltaCheckpoint
-from memfit.compression.fmdelta_codec import decode_delta, encode_delta
 from memfit.compression.fmdelta_dir import compress_dir, decompress_dir
 from memfit.compression.fmdelta_records import state_fingerprint
 from memfit.compression.fmdelta_state import load_state_delta, save_state_delta
+from memfit.kernels.fmdelta import decode_delta, encode_delta
 from memfit.quant.neuzip import NeuZipTensor
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.compression import fmdelta_native, fmdelta_ref
-from memfit.compression.fmdelta_codec import FORMATS, decode_delta, encode_delta
+from memfit.kernels.fmdelta import FORMATS, decode_delta, encode_delta
+from memfit.kernels.fmdelta import native as fmdelta_native
+from memfit.kernels.fmdelta import reference as fmdelta_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -179,7 +180,7 @@ def test_wrong_dtype_or_shape_refused() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_round_trip_matches_cpu_bytes(dtype: torch.dtype) -> None:
     """Same layout -> same bytes on both devices; each device's default layout decodes on the other."""
-    from memfit.compression.fmdelta_codec import SEGMENT
+    from memfit.kernels.fmdelta import SEGMENT
 
     base, ft = adversarial(dtype, n=300_000, seed=3)
     same = {"segment": SEGMENT, "symbols_per_lane": 2048}

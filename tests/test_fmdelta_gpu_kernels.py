@@ -1,4 +1,4 @@
-"""FM-Delta's Triton symbolise/pack and unpack kernels (kernels/fmdelta_gpu.py) under TRITON_INTERPRET=1: the same
+"""FM-Delta's Triton symbolise/pack and unpack kernels (kernels/fmdelta/gpu.py) under TRITON_INTERPRET=1: the same
 symbols, block table and raw-bit words as the torch reference (fmdelta_ref) on adversarial values of every dtype,
 bit-exact decode, the symbol histogram, and corrupt payloads rejected; on CUDA (`-m gpu`) at a real size."""
 
@@ -9,8 +9,8 @@ import torch
 from test_fmdelta_codec import DTYPES, adversarial, bits
 
 from interp import interpreted
-from memfit.compression import fmdelta_ref
-from memfit.compression.fmdelta_codec import FORMATS
+from memfit.kernels.fmdelta import FORMATS
+from memfit.kernels.fmdelta import reference as fmdelta_ref
 
 
 def _check(mod, base: torch.Tensor, ft: torch.Tensor, block: int, context: bool) -> None:
@@ -34,7 +34,7 @@ def _check(mod, base: torch.Tensor, ft: torch.Tensor, block: int, context: bool)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("context", [True, False])
 def test_interpreted_kernels_match_reference(dtype, context):
-    mod = interpreted("fmdelta_gpu.py")
+    mod = interpreted("fmdelta/gpu.py")
     base, ft = adversarial(dtype, n=6000)
     _check(mod, base, ft, 2048, context)  # 6000: a partial last raw block
     _check(mod, base[:1], ft[:1], 2048, context)
@@ -42,7 +42,7 @@ def test_interpreted_kernels_match_reference(dtype, context):
 
 
 def test_interpreted_decode_rejects_corrupt_payloads():
-    mod = interpreted("fmdelta_gpu.py")
+    mod = interpreted("fmdelta/gpu.py")
     base, ft = adversarial(torch.float32, n=5000)
     fmt = FORMATS[torch.float32]
     b, f = bits(base), bits(ft)
@@ -63,7 +63,7 @@ def test_interpreted_decode_rejects_corrupt_payloads():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernels_match_reference(dtype):
-    from memfit.kernels import fmdelta_gpu
+    from memfit.kernels.fmdelta import gpu as fmdelta_gpu
 
     base, ft = adversarial(dtype, n=6000)
     g = torch.Generator().manual_seed(5)

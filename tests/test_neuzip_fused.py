@@ -21,7 +21,8 @@ import torch
 from memfit.quant import neuzip_codec as codec
 from memfit.kernels.settings import SETTINGS
 from memfit.quant.neuzip import NeuZipTensor
-from memfit.kernels import ans, ans_triton
+from memfit.kernels import ans
+from memfit.kernels.ans import gpu as ans_triton
 from memfit.kernels.settings import SETTINGS
 from tests.test_neuzip import _adversarial
 
@@ -83,7 +84,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("k", [None, 0, 3])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_gpu_fused_dequantize_no_sync(dtype, k, prefetch, monkeypatch):
-    from memfit.kernels import ans_triton
+    from memfit.kernels.ans import gpu as ans_triton
 
     monkeypatch.setattr(ans_triton, "DECODE_PREFETCH", prefetch)
     g = torch.Generator().manual_seed(1)

@@ -175,7 +175,7 @@ def test_double_quant_tensor_dequantizes_with_decoded_scales():
 
 
 def _interpreted_kernels():
-    return interpreted("nf4.py")
+    return interpreted("nf4/__init__.py")
 
 
 @pytest.mark.parametrize("shape,block_size", [((16, 64), 64), ((7, 37), 64), ((3, 256), 128), ((9,), 32)])

@@ -66,7 +66,7 @@ def test_nf4_model_generation_on_cuda():
                                                  (384, 640, 7, True)])
 def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
     """Fused dequant-GEMM (both directions, split-K and not) vs a float64 product on the dequantized weight."""
-    from memfit.kernels.nf4_matmul import _WS, MMConfig, nf4_matmul
+    from memfit.kernels.nf4.matmul import _WS, MMConfig, nf4_matmul
     from memfit.quant.nf4_double import dynamic_code
 
     q = NF4Tensor.from_dense(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), double_quant=double_quant)
@@ -120,7 +120,7 @@ def test_linear_dispatch_fwd_bwd_on_cuda(m):
 def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
     """kernels/launch.Fast (compiled-kernel reuse) gives bit-identical results to Triton's own launch path for every
     fused-kernel kind, with aligned and misaligned inputs and shapes alternating (new specialisations, then reuse)."""
-    from memfit.kernels.nf4_matmul import MMConfig, nf4_matmul
+    from memfit.kernels.nf4.matmul import MMConfig, nf4_matmul
     from memfit.kernels.settings import SETTINGS
     from memfit.quant.nf4_double import dynamic_code
 
@@ -147,7 +147,7 @@ def test_fast_launch_equals_triton_launch_on_cuda(monkeypatch, double_quant):
         got = run_all()
         assert all(torch.equal(g, r) for g, r in zip(got, ref))
     torch.cuda.synchronize()
-    from memfit.kernels import nf4_matmul as nm
+    from memfit.kernels.nf4 import matmul as nm
 
     # the compiled kernels were kept, so passes 2 and 3 went through them, not through Triton's binder
     assert nm._GEMV.cache and nm._GEMV_T.cache and nm._MM.cache

@@ -1,4 +1,4 @@
-"""Fused NF4 dequant-matmul (kernels/nf4_matmul.py): the Triton kernel under TRITON_INTERPRET=1 at tiny sizes, both
+"""Fused NF4 dequant-matmul (kernels/nf4/matmul.py): the Triton kernel under TRITON_INTERPRET=1 at tiny sizes, both
 directions, split-K and double quantization, against a float64 product on the independently dequantized weight;
 and the dispatch in `F.linear` (pure-torch twin on CPU)."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from interp import interpreted
 from memfit.kernels.nf4 import NF4_CODE, unpack_nibbles
-from memfit.kernels.nf4_matmul import candidate_configs, nf4_matmul_reference
+from memfit.kernels.nf4.matmul import candidate_configs, nf4_matmul_reference
 from memfit.quant import NF4Tensor
 from memfit.quant.nf4_double import dynamic_code
 
@@ -49,7 +49,7 @@ def product(seed: int, m: int, n: int, k: int, trans: bool, block_size: int = 64
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("m,n,k,block_size", [(1, 48, 96, 64), (5, 40, 70, 32), (17, 32, 64, 64)])
 def test_interpreted_kernel_matches_float64(trans, double_quant, split, m, n, k, block_size):
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     q, a, ref = product(m * 1000 + n + k + split, m, n, k, trans, block_size, double_quant)
     cfg = mod.MMConfig(tn=16, tkb=16, split=split, warps=1, stages=1)
     code8 = dynamic_code("cpu") if double_quant else None
@@ -65,7 +65,7 @@ def test_interpreted_kernel_matches_float64(trans, double_quant, split, m, n, k,
 
 
 def test_interpreted_kernel_strided_input_and_fp16():
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     g = torch.Generator().manual_seed(7)
     q = NF4Tensor.from_dense(torch.randn(32, 64, generator=g).half())
     a = torch.randn(64, 3, generator=g).half().t()  # non-contiguous rows
@@ -107,7 +107,7 @@ def test_linear_no_grad_and_grad_paths_agree_on_cpu():
 def test_interpreted_block_tiled_kernels_match_float64(double_quant, split, kind, m, n, k, block_size, trans):
     """The kernels that load one scale per block ([rows, blocks, bytes] tiles): the tensor-core-free GEMV (forward
     few rows, backward one row) and the tl.dot kernel in its blocked variant, against the same float64 product."""
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     q, a, ref = product(m * 100 + n + k + split, m, n, k, trans, block_size, double_quant)
     cfg = mod.MMConfig(tn=16 if kind == "blocked" else 8, tkb=max(16, block_size // 2), split=split, warps=1,
                        gemv=kind == "gemv", blocked=kind == "blocked")
@@ -121,7 +121,7 @@ def test_interpreted_block_tiled_kernels_match_float64(double_quant, split, kind
 
 
 def test_block_tiled_configs_reject_shapes_they_cannot_serve():
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     q = NF4Tensor.from_dense(torch.randn(8, 96).bfloat16())  # 96 % 64 != 0: a scale block straddles two rows
     a = torch.randn(1, 96).bfloat16()
     for cfg, msg in ((mod.MMConfig(tn=8, tkb=32, split=1, warps=1, gemv=True), "GEMV config"),
@@ -141,7 +141,7 @@ def test_block_tiled_configs_reject_shapes_they_cannot_serve():
 def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split, pairs):
     """The wide GEMV tiles of the autotune (a few rows over many scale blocks per step, plain and shallow), also
     with the pair-table lookup (both nibbles of a byte from one 8-byte gather)."""
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     n, k = 40, 1024  # 512 bytes a row: one or two steps per program, a partial last row tile
     q, a, ref = product(tn + tkb + split, 1, n, k, trans)
     cfg = mod.MMConfig(tn=tn, tkb=tkb, split=split, warps=1, gemv=True, pairs=pairs)
@@ -157,7 +157,7 @@ def test_interpreted_wide_gemv_tiles_match_float64(trans, tn, tkb, split, pairs)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_interpreted_blocked_pair_table_equals_code_table(double_quant):
     """The blocked tl.dot kernel with the pair table gives the same bits as with the 16-entry code table."""
-    mod = interpreted("nf4_matmul.py")
+    mod = interpreted("nf4/matmul.py")
     g = torch.Generator().manual_seed(3)
     q = NF4Tensor.from_dense(torch.randn(40, 128, generator=g).to(torch.bfloat16), 64, double_quant=double_quant)
     code8 = dynamic_code("cpu") if double_quant else None

@@ -156,7 +156,7 @@ def test_nf4_autotune_pick_survives_a_new_process(bench):
     process), the same key returns the cached MMConfig without timing anything."""
     import torch
 
-    from memfit.kernels import nf4_matmul as nm
+    from memfit.kernels.nf4 import matmul as nm
 
     cands = nm.candidate_configs(4096, 4096, False, 132, 1, 64)
     times = {c: 1.0 + i for i, c in enumerate(cands)}

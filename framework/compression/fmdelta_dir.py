@@ -228,7 +228,7 @@ def _close_compare(state: dict[str, Any]) -> None:
 
 def stats(delta: Path) -> list[dict[str, Any]]:
     """Per record: name, dtype, mode, raw and stored bytes (no base needed)."""
-    from memfit.compression.fmdelta_codec import payload_stats
+    from memfit.kernels.fmdelta import payload_stats
 
     rows = []
     with DeltaReader(require_file(delta, "FM-Delta file")) as r:

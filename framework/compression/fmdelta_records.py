@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from memfit.compression.container import ContainerError
-from memfit.compression.fmdelta_codec import decode_delta, delta_codable, encode_delta
 from memfit.compression.safe_io import check_record_name
+from memfit.kernels.fmdelta import decode_delta, delta_codable, encode_delta
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d

@@ -281,7 +281,7 @@ def decode_store(s: _Store, dtype: torch.dtype, n: int, *, out: torch.Tensor | N
     fmt = codec.float_format(dtype)
     dev = s.packed.device
     if use_triton if use_triton is not None else dev.type == "cuda":
-        from memfit.kernels.ans_triton import launch_decode
+        from memfit.kernels.ans.gpu import launch_decode
 
         e = s.enc
         bits = out.view(-1).view(fmt.int_dtype) if out is not None else torch.empty(n, dtype=fmt.int_dtype, device=dev)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from memfit.kernels.nf4 import check_block_size, dequantize_nf4, num_blocks, quantize_nf4
-from memfit.kernels.nf4_matmul import FUSED_MAX_M, triton
+from memfit.kernels.nf4.matmul import FUSED_MAX_M, triton
 from memfit.quant.nf4_double import dequantize_absmax, dynamic_code, quantize_absmax
 from memfit.quant.subclass import StorageTensor, contiguous_strides
 
 fused_mm = None
 if triton is not None:
-    from memfit.kernels.nf4_matmul import nf4_matmul as fused_mm
+    from memfit.kernels.nf4.matmul import nf4_matmul as fused_mm
 
 aten = torch.ops.aten
 
@@ -169,7 +169,7 @@ def _use_fused(a: torch.Tensor, weight: NF4Tensor, width: int) -> bool:
 
 def nf4_mm(a: torch.Tensor, weight: NF4Tensor, trans: bool = False) -> torch.Tensor:
     """a @ W^T (trans=False) or a @ W (trans=True) over a's last dim: fused dequant-GEMM for few rows (see
-    kernels/nf4_matmul.py), else dequantize to a temporary dense weight + cuBLAS (large batch, CPU, fp32)."""
+    kernels/nf4/matmul.py), else dequantize to a temporary dense weight + cuBLAS (large batch, CPU, fp32)."""
     n, k = weight.shape[0], weight.shape[-1]
     width = n if trans else k
     if _use_fused(a, weight, width):

@@ -1,6 +1,6 @@
 """FM-Delta tensor codec: a fine-tuned float tensor as (sign, msb) symbols + raw low bits against its base tensor.
 
-Symbols are rANS-coded (kernels/ans.py) per segment of `segment` elements with a quasi-static table of that segment,
+Symbols are rANS-coded (kernels/ans/__init__.py) per segment of `segment` elements with a quasi-static table of that segment,
 so decoding streams and parallelises; raw bits are packed per block (fmdelta_ref.py describes the bit layout).
 `context=True` shifts each symbol's msb by the base value's exponent field modulo W: Adam moves a weight by about lr
 whatever its size, so msb(|delta|) in integer space is ~ const - exponent(base), and the shift folds all exponents'
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memfit.compression import fmdelta_native, fmdelta_ref
+from memfit.kernels.fmdelta import native as fmdelta_native
+from memfit.kernels.fmdelta import reference as fmdelta_ref
 
 BLOCK = 1 << 16  # elements per raw-bit block (word-aligned start)
 SEGMENT = 1 << 22  # elements per entropy-coded segment (a multiple of BLOCK)
@@ -63,13 +64,13 @@ def _use_native(t: torch.Tensor) -> bool:
 def _use_gpu_kernels(t: torch.Tensor, block: int) -> bool:
     if not t.is_cuda:  # CPU paths never import the Triton module
         return False
-    from memfit.kernels import fmdelta_gpu
+    from memfit.kernels.fmdelta import gpu as fmdelta_gpu
 
     return block % fmdelta_gpu.CHUNK == 0
 
 
 def _gpu_decode():
-    from memfit.kernels import fmdelta_gpu
+    from memfit.kernels.fmdelta import gpu as fmdelta_gpu
 
     return fmdelta_gpu.decode
 
@@ -82,7 +83,7 @@ def _symbolise(bs: torch.Tensor, fs: torch.Tensor, fmt: FloatFormat, mask: int, 
         counts = torch.zeros(256, dtype=torch.int64)
         return (*fmdelta_native.encode(bs, fs, fmt.exp_shift, mask, block, counts), counts)
     if _use_gpu_kernels(bs, block):
-        from memfit.kernels import fmdelta_gpu
+        from memfit.kernels.fmdelta import gpu as fmdelta_gpu
 
         sym, block_words, words, counts = fmdelta_gpu.encode(bs, fs, fmt.exp_shift, mask, block)
         return sym, block_words, words, counts.cpu()

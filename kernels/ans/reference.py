@@ -1,8 +1,8 @@
-"""Pure-torch reference twin of the rANS coder (kernels/ans.py): same state machine, same byte layout.
+"""Pure-torch reference twin of the rANS coder (kernels/ans/__init__.py): same state machine, same byte layout.
 
 Vectorised across lanes (one torch op per step over all lanes), so it is exact but only fast when there are many
 lanes and few steps. Tests compare the C++ and Triton paths against it; it is also the CPU fallback when no C++
-compiler is available. Constants and layout are documented in kernels/ans.py.
+compiler is available. Constants and layout are documented in kernels/ans/__init__.py.
 """
 
 from __future__ import annotations

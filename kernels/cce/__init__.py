@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from memfit.kernels.cce_dist import VocabParallelCCE, gather_dtensor, is_dtensor, local_shard
-from memfit.kernels.cce_ops import cce_forward, resolve_impl
+from memfit.kernels.cce.dist import VocabParallelCCE, gather_dtensor, is_dtensor, local_shard
+from memfit.kernels.cce.ops import cce_forward, resolve_impl
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.cce_fwd import _add, _max, _tanh, _up
+from memfit.kernels.cce.fwd import _add, _max, _tanh, _up
 
 SCRATCH_BYTES = 8 << 20  # fp32 dE scratch per launch
 

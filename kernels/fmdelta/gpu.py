@@ -1,6 +1,6 @@
 """FM-Delta symbolisation and raw-bit packing on the GPU: four Triton kernels with the bytes of fmdelta_ref.py.
 
-The torch twin (framework/compression/fmdelta_ref.py) takes ~25 int64 passes over a tensor; here encode is two
+The torch twin (kernels/fmdelta/reference.py) takes ~25 int64 passes over a tensor; here encode is two
 launches and decode two, each reading and writing every element once:
   encode  `_symbolise`  base, fine-tuned bits -> symbol (uint8), raw-bit count k (uint8), raw bits (int64), plus the
                         symbol histogram and the bits per raw block (atomics, one per program);
@@ -10,7 +10,7 @@ launches and decode two, each reading and writing every element once:
                         flag for symbols outside the alphabet;
           `_unpack`     the same per-block scan, reading the words back and rebuilding the fine-tuned bits.
 Every integer is widened to int64 and wrapped to W bits explicitly, so no step relies on how narrow integer types
-promote. Offsets are 64-bit. Reductions use this module's own combine functions (see kernels/nf4_matmul.py `_add`).
+promote. Offsets are 64-bit. Reductions use this module's own combine functions (see kernels/nf4/matmul.py `_add`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Why ctypes and not torch.utils.cpp_extension: the coder needs no torch headers, so a plain `g++ -O3` build takes about a
 second instead of a minute, needs no ninja, and the same .so serves any torch version. The build is cached by
 memfit.kernels.native (one builder for every C++ codec). `lib()` returns None when no compiler is available: callers then fall
-back to the torch reference (kernels/ans_ref.py), which is bit-identical but slow.
+back to the torch reference (kernels/ans/reference.py), which is bit-identical but slow.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from memfit.kernels import native
 from memfit.kernels.cpu import idle_cores
 
-_SRC = Path(__file__).parent / "csrc" / "ans.cpp"
+_SRC = Path(__file__).resolve().parent.parent / "csrc" / "ans.cpp"
 
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 

@@ -18,7 +18,7 @@ import torch
 from memfit.kernels import native
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "fmdelta.cpp"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fmdelta.cpp"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
@@ -47,7 +47,7 @@ def _ptr(t: torch.Tensor | np.ndarray | None) -> int | None:
 
 def threads(n: int) -> int:
     """Threads for n elements (kernels/ans_cpu.cpu_threads: no more than the idle cores and the work can use)."""
-    from memfit.kernels.ans_cpu import cpu_threads
+    from memfit.kernels.ans.native import cpu_threads
 
     return cpu_threads(n)
 

@@ -9,7 +9,7 @@ exactly its words has been given a corrupt stream.
 Layout: symbol i belongs to lane i % lanes at step i // lanes (a GPU warp then writes 32 consecutive bytes per step);
 each lane's words are stored in decode order and all lanes are concatenated (lane_offsets). The CPU path
 (kernels/csrc/ans.cpp via ctypes, threads over lanes, 32 interleaved lanes per thread), the Triton path (one lane per
-GPU thread) and the torch reference (kernels/ans_ref.py) produce and accept identical bytes.
+GPU thread) and the torch reference (kernels/ans/reference.py) produce and accept identical bytes.
 
 API:
     quantize_frequencies(counts, prob_bits=12) -> int32 (alphabet,), sums to 2**prob_bits, >= 1 where counts > 0
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memfit.kernels import ans_ref
+from memfit.kernels.ans import reference as ans_ref
 
 ANS_L = ans_ref.ANS_L
 MAGIC = b"rANS"
@@ -112,7 +112,7 @@ class ANSEncoded:
     def decode_table(self) -> torch.Tensor:
         """The device-resident slot table for the Triton decoder (built on first use, no host sync)."""
         if self.table is None or self.table.device != self.words.device:
-            from memfit.kernels.ans_triton import slot_table
+            from memfit.kernels.ans.gpu import slot_table
 
             self.table = slot_table(self.freqs, self.prob_bits, self.words.device)
         return self.table
@@ -251,7 +251,7 @@ def ans_encode(symbols: torch.Tensor, freqs: torch.Tensor | None = None, *, lane
     freqs = _check_freqs(freqs, prob_bits)
     f, cum = _tables(freqs, prob_bits)
     if cuda:
-        from memfit.kernels import ans_triton
+        from memfit.kernels.ans import gpu as ans_triton
 
         words, offsets, states = ans_triton.encode(symbols, lanes, f, cum, prob_bits)
         enc = ANSEncoded(words, offsets, states, freqs.to(symbols.device), n, lanes, prob_bits)
@@ -275,7 +275,7 @@ def ans_decode(enc: ANSEncoded, device: torch.device | str | None = None, *, val
     if enc.words.dtype != torch.int16:
         raise ValueError(f"ANSEncoded words must be int16, got {enc.words.dtype}")
     if _use_triton(device):
-        from memfit.kernels import ans_triton
+        from memfit.kernels.ans import gpu as ans_triton
 
         e = enc if enc.words.device == device else enc.to(device)
         if validate:
@@ -300,7 +300,7 @@ def _check_consistent(enc: ANSEncoded) -> None:
 
 def _cpu_backend():
     """The compiled C++ coder, or the torch reference when it cannot be built."""
-    from memfit.kernels import ans_cpu
+    from memfit.kernels.ans import native as ans_cpu
 
     return ans_cpu if ans_cpu.lib() is not None else ans_ref
 
@@ -308,9 +308,9 @@ def _cpu_backend():
 def _histogram(symbols: torch.Tensor) -> torch.Tensor:
     """int64 (256,) counts on the CPU: Triton on CUDA (torch.bincount serialises on one hot bin), else C++."""
     if symbols.is_cuda:
-        from memfit.kernels import ans_triton
+        from memfit.kernels.ans import gpu as ans_triton
 
         return ans_triton.histogram(symbols).cpu()
-    from memfit.kernels import ans_cpu
+    from memfit.kernels.ans import native as ans_cpu
 
     return ans_cpu.histogram(symbols) if ans_cpu.lib() is not None else torch.bincount(symbols, minlength=256)

@@ -1,4 +1,4 @@
-"""Triton path of the rANS coder (kernels/ans.py): one lane per GPU thread, same state machine and byte layout.
+"""Triton path of the rANS coder (kernels/ans/__init__.py): one lane per GPU thread, same state machine and byte layout.
 
 Decode walks the steps of its lanes in lock-step: at step t the lanes of a program write consecutive outputs
 (coalesced); each lane reads its own word stream, at most one 16-bit word per symbol, never past its own end. A single

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from memfit.kernels.cce_reference import grad_torch, stats_torch
+from memfit.kernels.cce.reference import grad_torch, stats_torch
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -36,7 +36,7 @@ def stats(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torc
     """(lse, target logit, logit sum) per row in fp32 (fp64 for fp64 inputs); tgt < 0 means no target."""
     if resolve_impl(impl, e.device) == "torch" or e.dtype == torch.float64:
         return stats_torch(e, c, bias, tgt, softcap or None, need_sumz)
-    from memfit.kernels.cce_fwd import stats_triton
+    from memfit.kernels.cce.fwd import stats_triton
 
     return stats_triton(e, c, bias, tgt, softcap or None, need_sumz)
 
@@ -48,7 +48,7 @@ def grad(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch
     no softcap (so filtering stays valid); with softcap it is per element, and filtering is turned off."""
     if resolve_impl(impl, e.device) == "torch" or e.dtype == torch.float64:
         return grad_torch(e, c, bias, tgt, lse, a, b, u, softcap or None)
-    from memfit.kernels.cce_bwd import grad_triton
+    from memfit.kernels.cce.bwd import grad_triton
 
     analytic = u is not None and filter_eps > 0 and not softcap
     if u is not None and softcap:

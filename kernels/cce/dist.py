@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from memfit.kernels.cce_ops import coefficients, grad, local_targets, row_loss, stats
+from memfit.kernels.cce.ops import coefficients, grad, local_targets, row_loss, stats
 
 try:  # torch >= 2.5 exposes DTensor publicly
     from torch.distributed.tensor import DTensor
