@@ -1,12 +1,12 @@
 """FSDP2 with the app's DEFAULT settings on 2 gloo ranks against an independent, unsharded reference.
 
 Sharded run (2 spawned processes): the app's model as `memfit.train` assembles it (a tiny random Llama, with an
-adapter: LoRA or PiSSA, and a weight storage: dense, NF4 = QPiSSA, or NeuZip), sharded by `shard_model` with the
-options of the app's `FSDP2Strategy` composed from `conf/trainer/fsdp.yaml` (bf16 all-gather and compute, fp32
-master weights, fp32 gradient reduce-scatter while those are the defaults), the app's loss through `LMModule.lm_loss`
-(the FSDP root unit; CCE) and the app's optimizer (AdamW, lr 1e-3). Each rank trains on its half of fixed global
-batches for STEPS steps; rank 0 writes the per-step global loss, the all-gathered gradients and the trainable
-parameters (`full_trainable_state`, what the app exports) before and after every step.
+adapter: LoRA or PiSSA, a weight storage: dense, NF4 = QPiSSA, or NeuZip, from an fp32 or bf16 checkpoint), sharded
+by `shard_model` with the options of the app's `FSDP2Strategy` composed from `conf/trainer/fsdp.yaml` (bf16
+all-gather and compute, fp32 master weights, fp32 gradient reduce-scatter while those are the defaults), the app's
+loss through `LMModule.lm_loss` (the FSDP root unit; CCE) and the app's optimizer (AdamW, lr 1e-3). Each rank trains
+on its half of fixed global batches for STEPS steps; rank 0 writes the per-step global loss, the all-gathered
+gradients and the trainable parameters (`full_trainable_state`, what the app exports) before and after every step.
 
 Reference (the test process; no process group, no FSDP code, no storage code in its forward): the same assembled
 model, unsharded, with FSDP2's MixedPrecisionPolicy emulated by hand: frozen weights (NF4 / NeuZip dequantized) cast
@@ -37,12 +37,17 @@ Tolerances of 2. and 3. (u = unit roundoff of `param_dtype`: bf16 2**-8, fp32 2*
   exactly 0 (B = 0), is bit-equal. [bf16: 2.1-2.7 u; fp32: 6 u]
 - updated parameters from the same gradients: 0 (AdamW on the same fp32 numbers, elementwise). [0]
 - free-running loss curve: rtol 2**-8. [bf16: <= 6e-5; fp32: 1e-7]
+
+The last test runs the app itself (`python -m memfit.train trainer=fsdp trainer.devices=2`, Lightning's loop with its
+data, clipping and LR schedule) and checks it the same way (same order, teacher-forced) from a probe callback.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -50,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conftest import ROOT, TASK_FAST
 from spawn import spawn
 
 WORLD, STEPS, BATCH, SEQ = 2, 3, 4, 16  # global batch BATCH (BATCH // WORLD per rank) x SEQ tokens
@@ -60,6 +66,8 @@ COMPOSITIONS: dict[str, list[str]] = {
     "pissa-dense": ["adapter=pissa", "storage=dense"],
     "qpissa-nf4": ["adapter=pissa", "storage=nf4"],
     "lora-neuzip": ["adapter=lora", "storage=neuzip", "storage.min_numel=0"],
+    # a bf16 checkpoint: frozen base (NeuZip-coded bf16) stays bf16, the adapters become fp32 masters
+    "lora-neuzip-bf16": ["adapter=lora", "storage=neuzip", "storage.min_numel=0", "model.dtype=bfloat16"],
 }
 LOSS_U, GRAD_U, FREE_LOSS_RTOL = 1, 16, 2.0 ** -8  # see the module docstring
 U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}  # unit roundoff
@@ -68,8 +76,8 @@ U = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 **
 def config(overrides: list[str], out: str):
     from memfit.config import compose
 
-    return compose("train", [*MODEL, "trainer=fsdp", "trainer.accelerator=cpu", "seed=0", *overrides, "adapter.progress=false",
-                             f"paths.output_dir={out}/run", f"paths.cache_dir={out}/cache"])
+    return compose("train", [*MODEL, "trainer=fsdp", "trainer.accelerator=cpu", "seed=0", *overrides,
+                             "adapter.progress=false", f"paths.output_dir={out}/run", f"paths.cache_dir={out}/cache"])
 
 
 def build_module(cfg):
@@ -220,7 +228,8 @@ class Reference:
         n_ranks = len(per_rank)
         return torch.stack(losses).mean(), {n: (total[n] / n_ranks).to(p.dtype) for n, p in self.master.items()}
 
-    def step(self, grads: dict[str, torch.Tensor], clip: float | None = None, scheduler: Any = None) -> dict[str, torch.Tensor]:
+    def step(self, grads: dict[str, torch.Tensor], clip: float | None = None,
+             scheduler: Any = None) -> dict[str, torch.Tensor]:
         """The optimizer step on the masters with these gradients (clipped by total norm, then the LR scheduler's
         step, where given: what Lightning does)."""
         for n, p in self.master.items():
@@ -321,3 +330,69 @@ def test_fp32_fsdp_is_exact(tmp_path):
     """param_dtype=float32: sharding alone must not change the numbers (QPiSSA on NF4, the most sharding code)."""
     print(run_case(tmp_path, [*COMPOSITIONS["qpissa-nf4"], "trainer.strategy.param_dtype=float32"]))
 
+
+# ------------------------------------------------------------------------------------------------- the app itself
+APP = ["trainer.devices=2", "data.batch_size=4", "trainer.max_steps=3", "trainer.limit_val_batches=0",
+       "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "eval.before=false",
+       "eval.test=false", "print_summary=false", "logger=none", "callbacks=none", *TASK_FAST,
+       "trainer.gradient_clip_val=0.25"]  # the gradient norm is ~0.65 here: clipping active at every step
+
+
+def test_app_two_ranks_default_fsdp_matches_reference(tmp_path):
+    """`python -m memfit.train trainer=fsdp trainer.devices=2` (the app's Lightning loop: its data, default FSDP
+    dtypes, gradient clipping (at 0.25, so that it acts), warm-up/cosine LR, AdamW) with QPiSSA on NF4. A probe
+    callback records each rank's batches, the gradients before clipping and the parameters around every step. The
+    reference (same order, see the module docstring) must reproduce each step's loss and gradients exactly at the
+    sharded run's parameters, and, clipping and stepping those gradients, the updated parameters up to the clip
+    factor's rounding: Lightning computes the total gradient norm from the shards (another fp32 summation order),
+    which scales the clipped gradient by (1 + O(u_fp32)); Adam's update m / sqrt(v) is invariant to that scale except
+    through eps, so the parameters may differ by a few fp32 ulps of the update: atol = lr * 2**-20 per step.
+    [measured: 0]"""
+    from hydra.utils import instantiate
+
+    overrides = [*COMPOSITIONS["qpissa-nf4"], *APP]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "memfit.train", *MODEL, "trainer=fsdp", "trainer.accelerator=cpu", "seed=0",
+           *overrides, "adapter.progress=false", f"hydra.run.dir={tmp_path}/run", f"paths.output_dir={tmp_path}/run",
+           f"paths.cache_dir={tmp_path}/cache", "+callbacks.probe._target_=fsdp_probe.Probe",
+           f"+callbacks.probe.path={tmp_path}/probe.pt"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(len(r["batches"]) == 2 for r in rows)
+    assert not torch.equal(rows[0]["batches"][0]["input_ids"][:1], rows[0]["batches"][1]["input_ids"][:1])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = config(overrides, str(tmp_path))
+        ref = Reference(cfg).in_fsdp_order()
+        assert (ref.param_dtype, ref.reduce_dtype) == (torch.bfloat16, torch.float32)  # the app's defaults
+        scheduler = instantiate(cfg.scheduler)(ref.opt)
+        clip = float(cfg.trainer.gradient_clip_val)
+        for n, p in ref.master.items():
+            assert torch.equal(rows[0]["before"][n], p), n  # the app's model on every rank is the one built here
+        worst = 0.0
+        clipped = 0
+        for t, row in enumerate(rows):
+            ref.load(row["before"])  # teacher forcing (checked below against the reference's own update)
+            loss, grads = ref.loss_and_grads(row["batches"])
+            assert torch.equal(loss, torch.tensor(row["losses"]).mean()), (t, float(loss), row["losses"])
+            for n, r in grads.items():
+                assert torch.equal(row["grads"][n], r), f"step {t + 1} gradient of {n}"
+            assert row["lr"] == ref.opt.param_groups[0]["lr"]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in row["grads"].values()]))
+            clipped += bool(norm > clip)
+            atol = ref.opt.param_groups[0]["lr"] * 2.0 ** -20
+            for n, r in ref.step(row["grads"], clip, scheduler).items():
+                d = _max_diff(row["after"][n], r)
+                worst = max(worst, d)
+                assert d <= atol, f"step {t + 1} updated {n}: max |diff| {d:.3g} > {atol:.3g}"
+                if t + 1 < len(rows):
+                    assert torch.equal(rows[t + 1]["before"][n], row["after"][n])
+        for n in ref.master:
+            assert _max_diff(rows[-1]["after"][n], rows[0]["before"][n]) > 0, f"{n} was not trained"
+        assert clipped == len(rows)  # the clipping path was exercised
+        print("largest parameter difference", worst)
+    finally:
+        torch.set_num_threads(threads)
