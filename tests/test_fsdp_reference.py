@@ -193,13 +193,13 @@ class Reference:
         from memfit.parallel.fsdp import DTYPES
 
         module = build_module(cfg)
-        self.param_dtype = DTYPES[str(cfg.trainer.strategy.param_dtype)] or torch.float32
-        self.reduce_dtype = DTYPES[str(cfg.trainer.strategy.reduce_dtype)] or torch.float32
+        self.param_dtype = DTYPES[str(cfg.trainer.strategy.param_dtype)]  # None: each parameter's own dtype
+        self.reduce_dtype = DTYPES[str(cfg.trainer.strategy.reduce_dtype)]
         self.master = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
         self.compute = copy.deepcopy(module.model)  # the compute copy: frozen weights cast once, masters per step
         for n, p in list(self.compute.named_parameters()):
             if not p.requires_grad:
-                _set(self.compute, n, dense(p, self.param_dtype), False)
+                _set(self.compute, n, dense(p, self.param_dtype or p.dtype), False)
         self.module = LMModule(self.compute, module.tokenizer, loss_fn=module.loss_fn)
         self.opt = module.optimizer_factory(list(self.master.values()))
 
@@ -216,14 +216,15 @@ class Reference:
 
     def loss_and_grads(self, per_rank: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mean of the ranks' losses and the averaged gradients; `per_rank`: each rank's batch."""
-        total = {n: torch.zeros_like(p, dtype=self.reduce_dtype) for n, p in self.master.items()}
+        total = {n: torch.zeros_like(p, dtype=self.reduce_dtype or p.dtype) for n, p in self.master.items()}
         losses = []
         for batch in per_rank:
-            live = {n: _set(self.compute, n, p.detach().to(self.param_dtype), True) for n, p in self.master.items()}
+            live = {n: _set(self.compute, n, p.detach().to(self.param_dtype or p.dtype), True)
+                    for n, p in self.master.items()}
             loss = self.module.lm_loss(batch)
             loss.backward()
             for n, p in live.items():
-                total[n] += p.grad.to(self.reduce_dtype)
+                total[n] += p.grad.to(total[n].dtype)
             losses.append(loss.detach().float())
         n_ranks = len(per_rank)
         return torch.stack(losses).mean(), {n: (total[n] / n_ranks).to(p.dtype) for n, p in self.master.items()}
@@ -285,7 +286,7 @@ def check_against_reference(cfg, got: dict) -> dict[str, float]:
     ordered, free = plain.in_fsdp_order(), copy.deepcopy(plain)
     assert set(got["dtypes"]) == set(plain.master)  # the same trainable set: no frozen weight trained
     assert set(got["dtypes"].values()) == {torch.float32}  # fp32 master weights
-    u = U[plain.param_dtype]
+    u = U[plain.param_dtype or torch.float32]
     worst = {f"same_order_{k}": v for k, v in teacher_forced(ordered, got, 0.0, 0.0, "same order").items()}
     worst.update(teacher_forced(plain, got, LOSS_U * u, GRAD_U * u, "autograd order"))
     for n, r in ordered.master.items():
