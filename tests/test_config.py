@@ -101,10 +101,13 @@ def test_wandb_logger_trains_offline(fast_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
+    from refs import Reference, check_run
+
     from memfit.train import run
 
-    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"))
-    assert res["train_loss"] > 0
+    ref = Reference()
+    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"), callbacks=[ref])
+    check_run(res, ref, steps=2)
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert runs, "an offline wandb run directory was written"
 
