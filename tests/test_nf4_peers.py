@@ -136,8 +136,9 @@ def test_nf4_to_dtype_meta_cpu_round_trips(double_quant):
 @pytest.mark.parametrize("mantissa_bits", [None, 3])
 def test_neuzip_to_dtype_meta_cpu_round_trips(mantissa_bits):
     """NeuZip: lossless (None) decodes to the very bits compressed; lossy (3 mantissa bits) to the float64 closed
-    form rounding of the mantissa to 3 bits, ties away from zero (the codec's documented rounding). `.to(fp32)` gives the dense decoded tensor widened (exact),
-    `.to("cpu")` keeps the compressed form, `.to("meta")` keeps shape/dtype and decodes to a meta tensor."""
+    form rounding of the mantissa to 3 bits, ties away from zero (the codec's documented rounding). `.to(fp32)` gives
+    the same values re-compressed in fp32 (and back), `.to(float64)` a dense tensor, `.to("cpu")` keeps the
+    compressed form, `.to("meta")` keeps shape/dtype and decodes to a meta tensor."""
     w = weight((40, 96), torch.bfloat16, seed=5)
     z = NeuZipTensor.from_dense(w, mantissa_bits)
     dense = z.dequantize()
@@ -151,8 +152,12 @@ def test_neuzip_to_dtype_meta_cpu_round_trips(mantissa_bits):
         step = torch.exp2(torch.floor(torch.log2(a))) / 8
         ref = (torch.floor(a / step + 0.5) * step * w.double().sign()).to(torch.bfloat16)
         assert torch.equal(dense, ref)
-    f32 = z.to(torch.float32)
-    assert type(f32) is torch.Tensor and torch.equal(f32, dense.float())
+    f32 = z.to(torch.float32)  # re-compressed in fp32 (bf16 values are exact in fp32), same kept mantissa bits
+    assert isinstance(f32, NeuZipTensor) and f32.dtype == torch.float32
+    assert f32.mantissa_bits == (23 if mantissa_bits is None else mantissa_bits)
+    assert torch.equal(f32.dequantize(), dense.float())
+    assert torch.equal(f32.to(torch.bfloat16).dequantize().view(torch.int16), dense.view(torch.int16))
+    assert type(z.to(torch.float64)) is torch.Tensor and torch.equal(z.to(torch.float64), dense.double())
     cpu = z.to("cpu")
     assert isinstance(cpu, NeuZipTensor) and torch.equal(cpu.dequantize().view(torch.int16), dense.view(torch.int16))
     meta = z.to("meta")
@@ -192,3 +197,29 @@ def test_neuzip_built_on_cpu_moves_to_cuda_bit_exact(mantissa_bits):
     assert isinstance(g, NeuZipTensor) and g.device.type == "cuda" and g.packed.device.type == "cuda"
     assert torch.equal(g.dequantize().cpu().view(torch.int16), z.dequantize().view(torch.int16))
     assert torch.equal(g.to("cpu").dequantize().view(torch.int16), z.dequantize().view(torch.int16))
+
+
+@pytest.mark.parametrize("storage", ["nf4", "neuzip", "neuzip_lossy"])
+@pytest.mark.parametrize("to", [torch.bfloat16, torch.float16, torch.float32])
+def test_module_to_dtype_keeps_stored_weights_correct(storage, to):
+    """`module.to(dtype)` (what Lightning's bf16-true / 16-true precision does to the model) on a layer whose fp32
+    weight is stored compressed: the weight stays compressed and decodes to the original weight cast to the new dtype
+    (NF4: the same fp32 product code * absmax, rounded once to the dtype; NeuZip lossless: the fp32 values rounded to
+    the dtype; lossy: the 3-bit-mantissa values, exact in every dtype here), and the layer computes with it."""
+    from torch import nn
+
+    w = weight((40, 96), torch.float32, seed=9)
+    w = w.sign() * w.abs().clamp(min=1e-2)  # normal numbers in fp16 too (fp16 subnormals hold fewer mantissa bits)
+    if storage == "nf4":
+        stored = NF4Tensor.from_dense(w, 64)
+    else:
+        stored = NeuZipTensor.from_dense(w, 3 if storage == "neuzip_lossy" else None)
+    want = stored.dequantize().to(to)  # fp32 decode, then one rounding (lossy values are exact in bf16/fp16)
+    lin = nn.Linear(96, 40, bias=False)
+    lin.weight = nn.Parameter(stored, requires_grad=False)
+    lin.to(to)
+    got = lin.weight
+    assert type(got) is type(stored) and got.dtype == to
+    assert torch.equal(got.dequantize(), want)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(to)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, want))
