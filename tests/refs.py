@@ -23,7 +23,12 @@ REL = 1e-4
 
 def f64_loss(model: Any, batch: dict[str, Any]) -> float:
     """Mean next-token cross-entropy over the labelled positions, float64."""
-    m = copy.deepcopy(model).double()
+    m = copy.deepcopy(model)
+    for mod in m.modules():  # weights stored compressed (NF4, NeuZip): their decoded values, as dense float64
+        for name, p in list(mod._parameters.items()):
+            if p is not None and hasattr(p, "dequantize"):
+                mod._parameters[name] = torch.nn.Parameter(p.dequantize().double(), requires_grad=False)
+    m = m.double()
     with torch.no_grad():
         logits = m(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
     labels = batch["labels"][:, 1:]
