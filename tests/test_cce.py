@@ -130,8 +130,9 @@ def test_triton_and_torch_paths_agree_at_tile_edges():
 
 
 def test_forward_32_and_64_bit_offsets_agree(monkeypatch):
-    """The forward indexes in 32 bits unless an offset can reach 2**31 (then 64): both paths give the same bits,
-    and the switch point is the element count, not the row count alone."""
+    """Below 2**31 the forced 64-bit path gives the bits of the 32-bit one (the switch changes index width only), and
+    the switch point is the element offset, not the row count alone. Offsets that really reach 2**31:
+    test_forward_offsets_beyond_2_31."""
     from memfit.kernels.cce import fwd as cce_fwd
 
     e, c, t = make_inputs(40, 70, 24, "peaked", seed=4)
@@ -144,3 +145,61 @@ def test_forward_32_and_64_bit_offsets_agree(monkeypatch):
     monkeypatch.setattr(cce_fwd, "FORCE_WIDE_INDEX", False)
     assert not cce_fwd.wide_index((1 << 31) - 1) and cce_fwd.wide_index(1 << 31)
     assert cce_fwd.wide_index(256000 * 2304, (1 << 20) * 2304)  # the GPU test's 2**20 x 2304 classifier
+
+
+# Run in a child process: an offset wrapped to 32 bits makes the interpreted kernel read outside the buffer, which can
+# kill the process (SIGSEGV) instead of failing an assertion. The rows of E (or C) lie 2**26 (2**25) elements apart in
+# one bf16 buffer of 2.6e9 elements: 5 GiB of address space, of which only the pages holding the rows are ever touched
+# (about 1 MiB), so the element offsets (row * stride) reach 2.6e9 > 2**31 without allocating that memory.
+OFFSETS_CHILD = r"""
+import sys, torch
+from memfit.kernels.cce import fwd as cce_fwd
+n, v, d = 40, 70, 24
+which, out = sys.argv[1], sys.argv[2]
+g = torch.Generator().manual_seed(0)
+dense_e = torch.randn(n, d, generator=g).to(torch.bfloat16)
+dense_c = (torch.randn(v, d, generator=g) / 4).to(torch.bfloat16)
+stride = {"e": 1 << 26, "c": 1 << 25}[which]
+rows = {"e": n, "c": v}[which]
+big = torch.empty((rows - 1) * stride + d, dtype=torch.bfloat16)  # never written except at the rows below
+view = big.as_strided((rows, d), (stride, 1))
+view.copy_(dense_e if which == "e" else dense_c)
+e, c = (view, dense_c) if which == "e" else (dense_e, view)
+bias = torch.randn(v, generator=g).to(torch.bfloat16)
+tgt = torch.randint(0, v, (n,), generator=g)
+wide = cce_fwd.wide_index(n * e.stride(0), v * c.stride(0))
+lse, tl, sz = cce_fwd.stats_triton(e, c, bias, tgt, None, True)
+compact = cce_fwd.stats_triton(e.contiguous(), c.contiguous(), bias, tgt, None, True)
+torch.save({"wide": wide, "e": dense_e, "c": dense_c, "bias": bias, "tgt": tgt, "got": (lse, tl, sz),
+            "compact": compact, "max_offset": (rows - 1) * stride}, out)
+"""
+
+
+@pytest.mark.parametrize("which", ["e", "c"])
+def test_forward_offsets_beyond_2_31(which, tmp_path):
+    """E rows (or C rows) at element offsets up to 2.6e9: the forward takes the 64-bit path on its own (no forcing),
+    gives the bits the same inputs give in a compact layout, and matches a float64 reference. Tolerance: the kernel
+    upcasts bf16 to fp32 (exact), accumulates 24 products in fp32 (|err| <= 24 * 2**-24 * sum|e_k c_k|) and adds the
+    bias, then takes exp/log in fp32 over 70 terms: we allow 32 * 2**-24 * (|e| @ |c|^T + |b|) for logits and sums,
+    plus 16 * 2**-24 * |lse| for the log-sum-exp."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "res.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", OFFSETS_CHILD, which, str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"rc {proc.returncode} (-11: a 32-bit offset wrapped): {proc.stderr[-3000:]}"
+    r = torch.load(out, weights_only=True)
+    assert r["max_offset"] >= 1 << 31 and r["wide"]
+    assert all(torch.equal(a, b) for a, b in zip(r["got"], r["compact"]))
+    e, c, b, t = r["e"].double(), r["c"].double(), r["bias"].double(), r["tgt"]
+    z = e @ c.T + b
+    mag = e.abs() @ c.abs().T + b.abs()
+    u = 2.0**-24
+    lse, tl, sz = (x.double() for x in r["got"])
+    ref_lse = torch.logsumexp(z, 1)
+    assert torch.all((lse - ref_lse).abs() <= 32 * u * mag.max(1).values + 16 * u * ref_lse.abs())
+    assert torch.all((tl - z.gather(1, t[:, None])[:, 0]).abs() <= 32 * u * mag.gather(1, t[:, None])[:, 0])
+    assert torch.all((sz - z.sum(1)).abs() <= 32 * u * mag.sum(1))

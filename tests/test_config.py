@@ -19,16 +19,45 @@ def entries(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+# groups whose every entry is instantiated from a top-level _target_ (the others are read field by field, or are
+# containers of instantiated nodes, or an entry that means "none")
+TOP_TARGET = {"storage", "loss", "data", "optim", "trainer"}
+NO_TARGET = {("scheduler", "none"), ("logger", "none")}
+
+
+def targets(node, path: str = "") -> list[tuple[str, str]]:
+    """(path, value) of every _target_ in a plain config container, at any depth."""
+    out: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += [(path, v)] if k == "_target_" else targets(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += targets(v, f"{path}[{i}]")
+    return out
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_group_entry_composes(group):
+    """Every entry composes; every _target_ anywhere in the result (callbacks, strategies, ...) names an object that
+    Python's import system finds and that is callable; the groups listed above have one at the top for every entry."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
     assert entries(group), f"conf/{group} is empty"
     for name in entries(group):
         cfg = compose("train", [f"{group}={name}", "paths.output_dir=/tmp/x"])
         assert group == "experiment" or group in cfg
-        for key in ("_target_",):
-            node = cfg.get(group)
-            if node and key in node:
-                assert isinstance(node[key], str) and "." in node[key]
+        found = targets(OmegaConf.to_container(cfg, resolve=False))
+        assert found, f"{group}={name}: no _target_ at all"
+        for path, target in found:
+            assert isinstance(target, str) and callable(get_object(target)), (group, name, path, target)
+        top = OmegaConf.to_container(cfg[group], resolve=False) if group in cfg and cfg[group] is not None else None
+        has_top = isinstance(top, dict) and "_target_" in top
+        if group in TOP_TARGET:
+            assert has_top, f"{group}={name} has no top-level _target_"
+        if (group, name) in NO_TARGET:
+            assert not has_top and not (top or {}).get("_target_"), f"{group}={name} should instantiate nothing"
 
 
 def test_slurm_launcher_config_composes():
@@ -72,10 +101,13 @@ def test_wandb_logger_trains_offline(fast_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
+    from refs import Reference, check_run
+
     from memfit.train import run
 
-    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"))
-    assert res["train_loss"] > 0
+    ref = Reference()
+    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"), callbacks=[ref])
+    check_run(res, ref, steps=2)
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert runs, "an offline wandb run directory was written"
 

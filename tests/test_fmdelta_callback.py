@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 
 from memfit.callbacks.fmdelta import KEY
@@ -94,27 +95,61 @@ def test_resume_from_fmdelta_equals_uncompressed_resume(fast_cfg, tmp_path: Path
     assert all(full[s] == v for s, v in resumed["plain"].items())  # and both equal the uninterrupted run
 
 
-def test_fmdelta_checkpoint_restores_weights_bit_exact(fast_cfg, tmp_path: Path) -> None:
-    """The weights and (zstd-coded) optimizer state read back from the .ckpt equal, bit for bit, those Lightning
-    handed to the checkpoint writer; training moved most tensors away from the base (so the delta is not trivial)."""
+def int_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as a same-width integer tensor (so -0.0 != 0.0 and NaN payloads count)."""
+    if not t.is_floating_point():
+        return t
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+# a bf16 model trains in bf16 only under bf16-true precision (32-true casts the module to fp32)
+PRECISION = {"float32": "trainer.precision=32-true", "bfloat16": "trainer.precision=bf16-true"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fmdelta_checkpoint_restores_weights_bit_exact(fast_cfg, tmp_path: Path, dtype: str) -> None:
+    """The same 4-step run twice, with plain (atomic) checkpoints and with FM-Delta ones. Every tensor read back from
+    the FM-Delta .ckpt equals, bit for bit and in the model's dtype, the one in the plain .ckpt on disk (an independent
+    writer: torch.save) and the one Lightning handed to the writer; every trained parameter moved away from the base
+    (so a restore that returned the base, or shifted any value, fails). The .ckpt on disk is smaller than the plain one."""
     from memfit.callbacks.fmdelta import load_fmdelta_checkpoint
     from memfit.models.build import build_model
 
-    cfg = fast_cfg("callbacks=fmdelta", *COMMON, "trainer.max_steps=4", "callbacks.fmdelta.optimizer_codec=zstd")
-    cfg.paths.output_dir = str(tmp_path / "run")
-    cfg.callbacks.model_checkpoint.filename = "last"
-    capture = Capture()
-    run(cfg, callbacks=[capture])
-    ckpt_file = next((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    files, captured = {}, {}
+    for name, cb in (("plain", "callbacks=default"), ("fmdelta", "callbacks=fmdelta")):
+        cfg = fast_cfg(cb, *COMMON, "trainer.max_steps=4", f"model.dtype={dtype}", PRECISION[dtype],
+                       "callbacks.fmdelta.optimizer_codec=zstd" if name == "fmdelta" else "seed=0")
+        cfg.paths.output_dir = str(tmp_path / name)
+        cfg.callbacks.model_checkpoint.filename = "last"
+        captured[name] = Capture()
+        run(cfg, callbacks=[captured[name]])
+        files[name] = tmp_path / name / "checkpoints" / "last.ckpt"
     model, _ = build_model(cfg.model, tmp_path / "cache")
     base = {f"model.{k}": v for k, v in model.state_dict().items()}
-    ckpt = load_fmdelta_checkpoint(ckpt_file, base)
-    trained = capture.saved["state_dict"]
-    assert set(ckpt["state_dict"]) == set(base) == set(trained)
-    assert_bit_equal(ckpt["state_dict"], trained, "state_dict")
-    assert_bit_equal(ckpt["optimizer_states"], capture.saved["optimizer_states"], "optimizer_states")
-    moved = sum(not torch.equal(trained[k], base[k]) for k in base)
-    assert moved > len(base) // 2
+    params = {f"model.{k}" for k, _ in model.named_parameters()}
+    plain = torch.load(files["plain"], map_location="cpu", weights_only=True)
+    assert KEY not in plain
+    ckpt = load_fmdelta_checkpoint(files["fmdelta"], base)
+    restored = ckpt["state_dict"]
+    assert set(restored) == set(base) == set(plain["state_dict"]) == set(captured["fmdelta"].saved["state_dict"])
+    want = getattr(torch, dtype)
+    for k, ref in plain["state_dict"].items():
+        got = restored[k]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, k
+        if k in params:
+            assert got.dtype == want, k
+        assert torch.equal(int_view(got), int_view(ref)), k
+        assert torch.equal(int_view(got), int_view(captured["fmdelta"].saved["state_dict"][k])), k
+        assert torch.equal(int_view(ref), int_view(captured["plain"].saved["state_dict"][k])), k
+        moved = not torch.equal(int_view(ref), int_view(base[k]))
+        # only parameters move; every weight matrix does (a bf16 norm weight at 1.0 may not: 1 - lr rounds to 1)
+        assert moved <= (k in params) and moved >= (k in params and ref.dim() >= 2), k
+    assert_bit_equal(ckpt["optimizer_states"], plain["optimizer_states"], "optimizer_states")
+    assert_bit_equal(ckpt["optimizer_states"], captured["fmdelta"].saved["optimizer_states"], "optimizer_states")
+    # on disk: the FM-Delta file stores less than the plain one's weights (its own weight payload is counted)
+    raw = sum(v.numel() * v.element_size() for v in plain["state_dict"].values())
+    stored = torch.load(files["fmdelta"], map_location="cpu", weights_only=True)[KEY]["state_dict"].numel()
+    assert stored < raw and os.path.getsize(files["fmdelta"]) < os.path.getsize(files["plain"]) - 0.9 * (raw - stored)
 
 
 def test_plain_checkpoints_written_atomically(tmp_path: Path, monkeypatch) -> None:

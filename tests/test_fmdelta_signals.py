@@ -148,3 +148,91 @@ def test_checkpoint_write_on_sigterm(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+
+# One child imports torch/Lightning once (the slow part) and forks a writer per case; the parent signals the writer.
+OVERWRITE_CHILD = r"""
+import os, signal, sys, time, torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from memfit.callbacks.fmdelta import AtomicCheckpointIO, FMDeltaCheckpoint, FMDeltaCheckpointIO
+from memfit.compression.fmdelta_records import state_fingerprint
+
+base = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)}
+real_save = torch.save
+
+def slow_save(obj, f, *a, **k):  # the real bytes first, then a stall before the file would be flushed and renamed
+    real_save(obj, f, *a, **k)
+    f.flush()
+    time.sleep(60)
+
+for line in sys.stdin:
+    writer, path = line.split()
+    if writer == "fmdelta":
+        cb = FMDeltaCheckpoint()
+        cb.base, cb.base_fp = base, state_fingerprint(base)
+        io = FMDeltaCheckpointIO(TorchCheckpointIO(), cb)
+    else:
+        io = AtomicCheckpointIO()
+    torch.save = real_save
+    io.save_checkpoint({"state_dict": {"w": base["w"] + 1}, "epoch": 0}, path)  # the previous, complete checkpoint
+    pid = os.fork()
+    if pid == 0:  # the writer: overwrites the checkpoint, slowly
+        torch.save = slow_save
+        try:
+            io.save_checkpoint({"state_dict": {"w": base["w"] + 2}, "epoch": 1}, path)
+        except KeyboardInterrupt:  # unwound through the writer: die of SIGINT as Python would, minus its teardown
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(0)
+    print("writer", pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print("status", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_signal_while_overwriting_checkpoint_keeps_the_previous_one(tmp_path: Path) -> None:
+    """A checkpoint written over an existing one (Lightning's `last.ckpt`), by the plain atomic writer and by the
+    FM-Delta one, is killed by SIGTERM or SIGINT (default dispositions) once the whole new checkpoint is in the
+    temporary file: the writer dies of the signal (SIGINT: re-raised once the KeyboardInterrupt has unwound the write),
+    the folder holds only the previous file, byte for byte as before, and it loads to the previous weights (bf16,
+    compared as int16 bits; the FM-Delta one decoded against the base, which fails on any other base)."""
+    proc = subprocess.Popen([sys.executable, "-c", OVERWRITE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    import torch  # while the child starts
+
+    from memfit.callbacks.fmdelta import load_fmdelta_checkpoint
+
+    base = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)}
+    try:
+        for writer in ("plain", "fmdelta"):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                ckpts = tmp_path / f"{writer}-{sig.name}"
+                ckpts.mkdir()
+                path = ckpts / "last.ckpt"
+                proc.stdin.write(f"{writer} {path}\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline().split()
+                assert line[:1] == ["writer"], proc.stderr.read()[-3000:] if proc.poll() is not None else line
+                before = path.read_bytes()
+                # the temporary file holds the whole new checkpoint (as large as the first): it would look complete
+                size = 0.9 * len(before)
+                wait_for(lambda ckpts=ckpts, size=size: any(".partial" in p.name and p.stat().st_size >= size
+                                                            for p in ckpts.iterdir()),
+                         proc, "the new checkpoint in the temporary file")
+                os.kill(int(line[1]), sig)
+                assert proc.stdout.readline().split() == ["status", str(-sig)], (writer, sig.name)
+                assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"], (writer, sig.name)
+                assert path.read_bytes() == before, (writer, sig.name)
+                if writer == "fmdelta":
+                    back = load_fmdelta_checkpoint(path, base)
+                else:
+                    back = torch.load(path, map_location="cpu", weights_only=True)
+                assert back["epoch"] == 0 and back["state_dict"]["w"].dtype == torch.bfloat16
+                assert torch.equal(back["state_dict"]["w"].view(torch.int16), (base["w"] + 1).view(torch.int16))
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -280,6 +280,8 @@ def decode_store(s: _Store, dtype: torch.dtype, n: int, *, out: torch.Tensor | N
     block scales (lossy block normalisation only) are applied after it. CPU: C++ rANS decode, then torch merge."""
     fmt = codec.float_format(dtype)
     dev = s.packed.device
+    if dev.type == "meta":  # a `.to("meta")` copy has shapes but no data: the result is a meta tensor as well
+        return out.view(-1) if out is not None else torch.empty(n, dtype=dtype, device=dev)
     if use_triton if use_triton is not None else dev.type == "cuda":
         from memfit.kernels.ans.gpu import launch_decode
 

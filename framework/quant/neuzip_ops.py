@@ -39,9 +39,21 @@ def _clone(func: Any, t: NeuZipTensor, memory_format: Any = None) -> NeuZipTenso
 @NeuZipTensor.implements(aten._to_copy.default)
 def _to_copy(func: Any, t: NeuZipTensor, dtype: torch.dtype | None = None, device: Any = None,
              non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
-    """`.to(device)` moves the compressed form; a dtype change yields a dense tensor of that dtype."""
+    """`.to(device)` moves the compressed form. A change to another dtype NeuZip stores (bf16/fp16/fp32) gives a
+    NeuZipTensor re-compressed in it (lossless stays lossless; lossy keeps its mantissa bits, capped at the new
+    dtype's), so `module.to(dtype)` (Lightning's bf16-true precision) swaps in a correct weight: a dense result went
+    in through `param.data =`, which left this object's fp32 stream under the new dtype, decoded as garbage. Any
+    other dtype (float64) yields a dense tensor of that dtype."""
     if dtype is not None and dtype != t.dtype:
-        return t.dequantize().to(dtype=dtype, device=device)
+        dense = t.dequantize().to(dtype=dtype, device=device)
+        if dtype not in codec.FORMATS:
+            return dense
+        s = t._s
+        lossless = s.mantissa_bits >= codec.float_format(t.dtype).man_bits
+        k = None if lossless else min(s.mantissa_bits, codec.float_format(dtype).man_bits)
+        out = NeuZipTensor.from_dense(dense, k, block=s.block, symbols_per_lane=s.spl)
+        out._s.trainer, out._s.name = s.trainer, s.name
+        return out
     return t._to(device if device is not None else t.device)
 
 
