@@ -72,9 +72,15 @@ def test_wandb_logger_trains_offline(fast_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # wandb's service process sets it: removed again at the end
+    import wandb
+
     from memfit.train import run
 
-    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"))
+    try:
+        res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"))
+    finally:
+        wandb.teardown()  # stop the service process this run started; the next wandb test starts its own
     assert res["train_loss"] > 0
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert runs, "an offline wandb run directory was written"
