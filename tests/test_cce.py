@@ -123,15 +123,12 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grads(impl):
 
 
 def test_triton_and_torch_paths_agree_at_tile_edges():
-    """Sizes one off the tile sizes (16 rows, 32 columns, 16 features) on both sides: masks are right."""
+    """Sizes one off the tile sizes (16 rows, 32 columns, 16 features) on both sides: masks are right (both paths
+    within the fp32 rounding bound of float64, so within twice it of each other)."""
     for n, v, d in [(15, 31, 15), (17, 33, 17), (16, 32, 16)]:
         e, c, t = make_inputs(n, v, d, "flat", seed=n)
-        outs = {}
-        for impl in ("triton", "torch"):
-            outs[impl] = run_with_grads(lambda e_, c_, b_, impl=impl, t=t: linear_cross_entropy(
-                e_, c_, t, impl=impl, return_lse=True, filter_eps=None), e, c)
-        for k in ("loss", "lse", "de", "dc"):
-            torch.testing.assert_close(outs["triton"][k], outs["torch"][k], rtol=1e-5, atol=1e-6)
+        compare(e, c, t, torch.float32, "triton")
+        compare(e, c, t, torch.float32, "torch")
 
 
 def test_forward_32_and_64_bit_offsets_agree(monkeypatch):
