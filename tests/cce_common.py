@@ -85,7 +85,7 @@ def run_with_grads(fn, e, c, bias=None, weight=None, lse_weight=None):
 #            form): (c + u) Q_ij; fp16's smallest subnormal flushes up to half of it
 #   dE = d C <= 2 (Q o zb) |C| + (c + u + L sqrt(V) u32) Q|C| + tiny |C|-column sums, then rounded: u |dE|
 #   dC = d^T E likewise over N rows, plus L sqrt(adds) u Q^T|E| when dC accumulates in the dtype (GPU bf16/fp16
-#            atomics: one rounded add per row block)
+#            atomics: one rounded add per row block, each also off by up to `tiny` in fp16's subnormal range)
 #   dbias = sum_i d_ij in fp32: 2 (Q o zb)^T 1 + L sqrt(N) u32 Q^T 1, rounded: u |db|
 # L = 4 makes the sqrt(K) terms probabilistic bounds (tests/rounding.py); `assert_within` returns err / bound.
 # Filtering (filter_eps > 0) drops whole tiles whose every |a p| < eps |a|: at most eps |a_i| sum_j |C_j| on dE and
@@ -152,7 +152,7 @@ def error_bounds(e, c, t, *, bias=None, weight=None, lse_weight=None, ignore_ind
     de_b = 2 * qz @ cc.abs() + (ud + L * U32 * v**0.5) * (q @ cc.abs()) + tiny * cc.abs().sum(0)[None, :] \
         + filter_eps * a.abs()[:, None] * cc.abs().sum(0)[None, :]
     dc_b = 2 * qz.T @ e2.abs() + (ud + L * U32 * n**0.5 + L * dc_adds**0.5 * u) * (q.T @ e2.abs()) \
-        + tiny * e2.abs().sum(0)[None, :] + filter_eps * (a.abs() @ e2.abs())[None, :]
+        + tiny * (e2.abs().sum(0)[None, :] + dc_adds) + filter_eps * (a.abs() @ e2.abs())[None, :]
     out = {"loss": loss_b, "lse": zb.reshape(t.shape), "de": de_b.reshape(e.shape), "dc": dc_b}
     if bias is not None:
         out["db"] = 2 * qz.sum(0) + L * U32 * n**0.5 * q.sum(0)
