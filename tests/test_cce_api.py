@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cce_common import make_inputs, reference
+from cce_common import error_bounds, make_inputs, reference
 from memfit.kernels.cce import linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("cpu_triton")  # impl='triton' runs interpreted on CPU
@@ -84,9 +84,11 @@ def test_autocast_casts_like_a_matmul():
     e, c, t = _inputs(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = linear_cross_entropy(e, c, t)
-    want = linear_cross_entropy(e.bfloat16(), c.bfloat16(), t)
+    eb, cb = e.bfloat16(), c.bfloat16()
+    want = linear_cross_entropy(eb, cb, t)
     assert torch.equal(got, want)
-    assert abs(float(got) - float(reference(e.double(), c.double(), t)[0])) < 5e-2
+    # float64 on the bf16 inputs autocast made, within the kernel's rounding bound (tests/cce_common.py)
+    assert abs(float(got) - float(reference(eb.double(), cb.double(), t)[0])) <= float(error_bounds(eb, cb, t)["loss"])
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -103,10 +105,11 @@ def test_torch_compile_fullgraph_matches_eager():
         loss = fn(e_, c_)
         loss.backward()
         grads.append((loss.detach(), e_.grad, c_.grad))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads):  # the same kernels on the same inputs: only fusion may reorder a few fp32 sums
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    gt = reference(e.double(), c.double(), t, shift=1, z_loss=1e-3, label_smoothing=0.1)[0]
-    assert abs(float(grads[0][0]) - float(gt)) < 1e-5
+    opts = {"shift": 1, "z_loss": 1e-3, "label_smoothing": 0.1}
+    gt = reference(e.double(), c.double(), t, **opts)[0]
+    assert abs(float(grads[0][0]) - float(gt)) <= float(error_bounds(e, c, t, **opts)["loss"])
 
 
 def test_custom_ops_pass_opcheck():

@@ -101,12 +101,17 @@ def test_wandb_logger_trains_offline(fast_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # wandb's service process sets it: removed again at the end
+    import wandb
     from refs import Reference, check_run
 
     from memfit.train import run
 
     ref = Reference()
-    res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"), callbacks=[ref])
+    try:
+        res = run(fast_cfg("logger=wandb", "trainer.max_steps=2", "eval.test=false"), callbacks=[ref])
+    finally:
+        wandb.teardown()  # stop the service process this run started; the next wandb test starts its own
     check_run(res, ref, steps=2)
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert runs, "an offline wandb run directory was written"

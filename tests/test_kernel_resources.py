@@ -29,6 +29,19 @@ def test_vectorised_copy_has_one_128_bit_load_and_store():
     assert r["spill"] == 0 and 0 < r["regs"] <= 32 and r["instructions"] > 0
 
 
+def test_kernel_defined_under_the_interpreter_compiles_the_same():
+    """Full runs used to fail here: with TRITON_INTERPRET=1 left set by another module, `@triton.jit` made interpreted
+    functions. compile_sm90 re-wraps them, and no test may leave the variable set (tests/conftest.py's guard)."""
+    from interp import _env
+
+    with _env("1"):
+        interpreted_copy = triton.jit(_copy.fn)
+    assert type(interpreted_copy) is not type(_copy)
+    sig, meta = {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}
+    assert resources(compile_sm90(interpreted_copy, sig, meta, div16=("n",))) == \
+        resources(compile_sm90(_copy, sig, meta, div16=("n",)))
+
+
 def test_unaligned_copy_uses_scalar_accesses():
     r = resources(compile_sm90(_copy, {"src": "*fp32", "dst": "*fp32", "n": "i32"}, {"BLOCK": 512}, aligned=False))
     assert "LDG.E.128" not in r["mix"] and r["mix"].get("LDG.E") == 4 and r["mix"].get("STG.E") == 4, r

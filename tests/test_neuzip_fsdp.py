@@ -59,10 +59,10 @@ def worker(rank: int, world: int, init_file: str, mantissa_bits: int | None) -> 
 
 
 @pytest.mark.parametrize("world,mantissa_bits", [(2, None), (2, 3), (1, None)])
-def test_fsdp2_gloo_sharding(tmp_path, world, mantissa_bits):
+def test_fsdp2_gloo_sharding(tmp_path, world, mantissa_bits, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))  # for the spawned workers
     spawn(worker, (world, str(tmp_path / "init"), mantissa_bits), world)
 
 

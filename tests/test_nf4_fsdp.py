@@ -57,10 +57,10 @@ def worker(rank: int, init_file: str, double_quant: bool) -> None:
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_fsdp2_gloo_two_process_sharding(tmp_path, double_quant):
+def test_fsdp2_gloo_two_process_sharding(tmp_path, double_quant, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))  # for the spawned workers
     spawn(worker, (str(tmp_path / "init"), double_quant), WORLD)
 
 

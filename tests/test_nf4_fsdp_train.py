@@ -107,8 +107,8 @@ def worker(rank: int, world: int, init_file: str, double_quant: bool) -> None:
 
 
 @pytest.mark.parametrize(("world", "double_quant"), [(1, False), (1, True), (2, False), (2, True)])
-def test_fsdp2_bf16_training_through_nf4_matches_unsharded(tmp_path, world, double_quant):
+def test_fsdp2_bf16_training_through_nf4_matches_unsharded(tmp_path, world, double_quant, monkeypatch):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))  # for the spawned workers
     spawn(worker, (world, str(tmp_path / "init"), double_quant), world)

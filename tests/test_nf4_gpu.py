@@ -1,5 +1,7 @@
 """NF4 on the GPU (run with `-m gpu`): Triton dequantize vs the pure-torch reference at real sizes, F.linear
-forward/backward, and a quantized causal LM's greedy generation vs its dequantized twin."""
+forward/backward, and a quantized causal LM's greedy generation vs its dequantized twin. Products are checked
+elementwise against float64 on the same dequantized weight within tests/rounding.py's bound (fp32 accumulation over K,
+the output's round-to-nearest): the GPU's bf16 tl.dot and casts, which the CPU interpreter cannot run as such."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 from memfit.kernels.nf4 import dequantize_nf4_reference, dequantize_nf4_triton, quantize_nf4
 from memfit.quant import NF4Tensor
+from rounding import assert_within, matmul_bound
 
 pytestmark = pytest.mark.gpu
 
@@ -37,10 +40,10 @@ def test_linear_fwd_bwd_on_cuda():
     y = F.linear(x, q)
     y.backward(gy)
     wd = q.dequantize().double()  # reference: the same stored weight, dense, float64
-    y64, gx64 = x.detach().double() @ wd.t(), gy.double() @ wd
-    # bf16 outputs of K=512 / K=1024 dot products: compare at bf16 resolution of the output scale
-    torch.testing.assert_close(y.double(), y64, atol=1e-2 * y64.abs().max().item(), rtol=1e-2)
-    torch.testing.assert_close(x.grad.double(), gx64, atol=1e-2 * gx64.abs().max().item(), rtol=1e-2)
+    x2, gy2 = x.detach().reshape(-1, 512), gy.reshape(-1, 1024)
+    y64, gx64 = x2.double() @ wd.t(), gy2.double() @ wd
+    print("fwd", assert_within(y.reshape(-1, 1024), y64, matmul_bound(x2, wd.t(), y64, y.dtype), "forward"),
+          "bwd", assert_within(x.grad.reshape(-1, 512), gx64, matmul_bound(gy2, wd, gx64, y.dtype), "backward"))
 
 
 def test_nf4_model_generation_on_cuda():
@@ -75,6 +78,7 @@ def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
     for trans in (False, True):
         a = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
         ref = a.double() @ wd if trans else a.double() @ wd.t()
+        bound = matmul_bound(a, wd if trans else wd.t(), ref, a.dtype)
         cfgs = [MMConfig(64, 128, 1), MMConfig(32, 64, 8)]
         if k % 64 == 0:  # one scale load per block: the blocked tl.dot variant, and the tensor-core-free kernels
             cfgs += [MMConfig(64, 128, 1, blocked=True), MMConfig(32, 64, 4, 8, blocked=True),
@@ -89,8 +93,8 @@ def test_fused_matmul_matches_float64_on_cuda(n, k, m, double_quant):
                 out = torch.full_like(ref, float("nan"), dtype=torch.bfloat16)  # poison the allocator's next block
                 del out
                 out = nf4_matmul(a, q.packed, q.scale_tensors(), q.offset, n, k, 64, trans, code8, cfg)
-                err = float((out.double() - ref).norm() / ref.norm())
-                assert out.shape == ref.shape and err < 1e-2, (trans, cfg, err)
+                assert out.shape == ref.shape
+                assert_within(out, ref, bound, f"trans={trans} {cfg}")
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]), (trans, cfg)  # deterministic split-K
     torch.cuda.synchronize()
@@ -112,8 +116,8 @@ def test_linear_dispatch_fwd_bwd_on_cuda(m):
     y.backward(gy)
     y64, gx64 = x.detach().double() @ wd.t(), gy.double() @ wd
     assert torch.equal(y0, y.detach())
-    assert float((y.double() - y64).norm() / y64.norm()) < 1e-2
-    assert float((x.grad.double() - gx64).norm() / gx64.norm()) < 1e-2
+    assert_within(y, y64, matmul_bound(x.detach(), wd.t(), y64, y.dtype), "forward")
+    assert_within(x.grad, gx64, matmul_bound(gy, wd, gx64, y.dtype), "backward")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -149,7 +149,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         return out.stdout.strip().splitlines()[-1]
 
     def run_dir(self, name: str, job_id: str) -> Path:
-        return self.root / "logs" / f"{name}-{job_id}"
+        return Path(self.env["MEMFIT_LOGS"]) / f"{name}-{job_id}"  # where launch.sh puts run directories
 
 
 @pytest.fixture(scope="session")

@@ -43,20 +43,11 @@ def overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory):
     """One full pipeline run (all stages, all distill variants); tests copy its directory before changing it."""
     from memfit.transfer.pipeline import run
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("translora")
     run_dir, cache = root / "run", root / "cache"
     results = run(compose("transfer", overrides(run_dir, cache)))

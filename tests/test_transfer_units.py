@@ -16,15 +16,6 @@ from memfit.transfer.mmd import median_bandwidth, mmd2, pca_2d
 from memfit.transfer.synthesize import check_seeds, keep_rule, list_prompt, parse_item, rejection_sample
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------------------ MMD
 def test_mmd_linear_kernel_is_mean_difference():
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memfit.kernels.cce.fwd import _add, _max, _tanh, _up
+from memfit.kernels.cce.fwd import _add, _max, _tanh, _up, upcast_dots
 
 SCRATCH_BYTES = 8 << 20  # fp32 dE scratch per launch
 
@@ -114,8 +114,9 @@ def grad_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt
     n, d = e.shape
     v = c.shape[0]
     bn, bv, bd, warps, stages = config or _config(e.dtype, e.device)
-    # atomics need fp32 buffers under the interpreter; on GPU dC accumulates in its own dtype unless asked otherwise
-    dc_dtype = torch.float32 if (accum_fp32 or e.device.type != "cuda") else c.dtype
+    # dC accumulates in its own dtype unless asked otherwise; the interpreter (CPU tensors) has no bf16 atomic_add
+    # (triton 3.9: "Unsupported data type"), so there bf16 dC alone accumulates in fp32 (GPU: tests/test_cce_gpu.py)
+    dc_dtype = torch.float32 if (accum_fp32 or (c.device.type != "cuda" and c.dtype == torch.bfloat16)) else c.dtype
     dc = torch.zeros(c.shape, dtype=dc_dtype, device=c.device)
     db = torch.zeros(v, dtype=torch.float32, device=c.device) if bias is not None else None
     de = torch.zeros_like(e)
@@ -142,7 +143,7 @@ def grad_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt
             u_r[m0:m1], perm, scratch, dc, db if db is not None else scratch,
             m1 - m0, v, d, e.stride(0), c.stride(0), n_blocks, float(softcap or 1.0), float(filter_eps or 0.0),
             HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), HAS_U=u is not None, FILTER=bool(filter_eps),
-            SORTED=bool(sort_vocab and filter_eps), PRECISION=precision, UPCAST=e.device.type != "cuda",
+            SORTED=bool(sort_vocab and filter_eps), PRECISION=precision, UPCAST=upcast_dots(e),
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages,
         )
         de.index_copy_(0, rows[m0:m1], scratch.to(e.dtype))

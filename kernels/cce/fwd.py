@@ -34,10 +34,17 @@ def _max(a, b):
 
 @triton.jit
 def _up(x, UPCAST: tl.constexpr):
-    # the interpreter's bf16 dot is wrong (bf16 held as uint16): upcast there; exact, as bf16 products fit fp32
+    # UPCAST (set by `upcast_dots`): widen bf16 operands to fp32 before tl.dot, the same exact products
     if UPCAST:
         return x.to(tl.float32)
     return x
+
+
+def upcast_dots(x: torch.Tensor) -> bool:
+    """Only the Triton interpreter (CPU tensors) widens dot operands: its bf16 tl.dot is wrong (bf16 held as uint16;
+    triton 3.9: errors ~1e10). bf16 products are exact in fp32, so this is the GPU's arithmetic up to summation order;
+    fp16 and fp32 dots run as on the GPU."""
+    return x.device.type != "cuda" and x.dtype == torch.bfloat16
 
 
 @triton.jit
@@ -189,7 +196,7 @@ def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tg
         e, c, bias if bias is not None else e, lse_p, s_p,
         n, v, d, e.stride(0), c.stride(0), tiles_per_split, float(softcap or 1.0),
         HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), SUMZ=need_sumz, PRECISION=precision,
-        UPCAST=e.device.type != "cuda", WIDE=wide_index(n * e.stride(0), v_tiles * bv * c.stride(0), splits * n),
+        UPCAST=upcast_dots(e), WIDE=wide_index(n * e.stride(0), v_tiles * bv * c.stride(0), splits * n),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps,
         num_stages=stages,
     )

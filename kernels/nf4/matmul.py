@@ -26,7 +26,6 @@ is a multiply-reduce over the same tile. The first-use autotune picks between bo
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,9 +40,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-# the Triton interpreter (CPU tests) mis-computes tl.dot on bf16 operands: there, operands are rounded to the input
-# dtype and then widened to fp32 (same values, exact fp32 dot)
-_DOT_F32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSED_MAX_M = 64  # rows up to which the fused kernel beats dequantize + cuBLAS (weight bytes dominate)
 GEMV_MAX_M = 16  # rows up to which the tensor-core-free kernel is a candidate (its work grows with the rows)
 
@@ -441,10 +437,13 @@ def _launch(a: torch.Tensor, packed: torch.Tensor, scales: tuple[torch.Tensor, .
     if cfg.blocked and (k % block_size or cfg.tkb % (block_size // 2)):
         raise ValueError(f"blocked config {cfg} needs in_features ({k}) a multiple of block_size ({block_size})")
     bm = max(16, triton.next_power_of_2(m))
+    # the Triton interpreter (CPU tensors) mis-computes tl.dot on bf16 operands (triton 3.9: off by ~1e10): there the
+    # operands, already rounded to bf16, are widened to fp32 (same products, exact in fp32); the GPU dots bf16
+    dot_f32 = a.device.type != "cuda" and a.dtype == torch.bfloat16
     _MM[(tiles, cfg.split)](
         a, packed, s, s2, table, code8 if dq else s, out, ws, lock,
         m, n, k, a.stride(0), a.stride(1), float(offset or 0.0),
-        TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=_DOT_F32,
+        TRANS=trans, BS=block_size, DQ=dq, BM=bm, TN=cfg.tn, TKB=cfg.tkb, SPLIT=cfg.split, DOT_F32=dot_f32,
         BLOCKED=cfg.blocked, PAIRS=cfg.pairs, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
 
