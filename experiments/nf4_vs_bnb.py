@@ -229,7 +229,7 @@ def main() -> None:
         "faster)", "", table(lin), "",
         "## 1-token forward, wall clock per call (2000 back-to-back no-grad calls, one sync)", "",
         "ours_triton_launch = Triton's `kernel[grid]` per call; ours_fast_launch = kernels/launch.Fast (the compiled "
-        "kernel reused, `MEMFIT_FAST_LAUNCH=1`); both bit-identical (tests/test_nf4_gpu.py).", "", host, "",
+        "kernel reused, `MEMFIT_FAST_LAUNCH=1`); both bit-identical (tests/quant/test_nf4_gpu.py).", "", host, "",
         "## Fused-kernel configs picked by the first-use autotune", "", table(tuned) if tuned else "(none)", "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

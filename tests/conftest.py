@@ -152,7 +152,7 @@ def _test_state_guard(request):
 @pytest.fixture(scope="module")
 def cpu_triton():
     """For a test module that runs impl='triton' on CPU tensors: the Triton kernels interpreted for that module only
-    (tests/interp.py); on a GPU machine the compiled kernels."""
+    (tests/helpers/interp.py); on a GPU machine the compiled kernels."""
     import torch
 
     if torch.cuda.is_available():

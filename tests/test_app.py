@@ -1,4 +1,4 @@
-"""The app's composition matrix on CPU (trainer=cpu, and trainer=fsdp over gloo on one rank); tests/app_matrix.py
+"""The app's composition matrix on CPU (trainer=cpu, and trainer=fsdp over gloo on one rank); tests/helpers/app_matrix.py
 says what each case asserts. The same matrix runs on a GPU in tests/test_app_gpu.py."""
 
 from __future__ import annotations

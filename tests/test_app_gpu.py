@@ -1,5 +1,5 @@
 """The app's composition matrix on one GPU: trainer=gpu and trainer=fsdp (1 device), from fp32 and bf16 checkpoints;
-tests/app_matrix.py says what each case asserts. Resumed losses within 5e-3 (relative): the CCE backward and the NF4
+tests/helpers/app_matrix.py says what each case asserts. Resumed losses within 5e-3 (relative): the CCE backward and the NF4
 split-K kernels accumulate with atomics, so GPU runs are not bit-reproducible."""
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def test_app_trains_through_the_triton_cce_kernel_like_the_torch_path(fast_cfg, 
     gradients as loss.impl=torch, and the same loss over the following (SGD) steps.
 
     Tolerance: both paths compute in fp32 (exact gradients, filter_eps=null); their difference is rounding only,
-    |dz| ~ L sqrt(D + V) u32 |z| per logit (tests/rounding.py, L=4, u32=2**-24, D=32 hidden, V the vocabulary), which
+    |dz| ~ L sqrt(D + V) u32 |z| per logit (tests/helpers/rounding.py, L=4, u32=2**-24, D=32 hidden, V the vocabulary), which
     the model's backward passes on linearly: relative 1e-5 on the loss and on every parameter's gradient norm is
     ~10x that for V ~ 100 (the losses of later steps differ by the lr-scaled gradient differences only)."""
     from memfit.train import run

@@ -27,7 +27,7 @@ class LossRecorder(L.Callback):
 
 
 def test_fast_dev_run_tasks(fast_cfg):
-    """The reported train loss, test loss and test accuracy against float64 recomputations (tests/refs.py); the
+    """The reported train loss, test loss and test accuracy against float64 recomputations (tests/helpers/refs.py); the
     parameter count against the architecture's closed form (FAST: vocab V, hidden 32, kv 16, mlp 64, 2 layers)."""
     ref = Reference()
     res = run(fast_cfg("trainer.fast_dev_run=true", "data.tasks=[navigate,word_sorting]"), callbacks=[ref])

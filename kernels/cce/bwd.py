@@ -115,7 +115,7 @@ def grad_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt
     v = c.shape[0]
     bn, bv, bd, warps, stages = config or _config(e.dtype, e.device)
     # dC accumulates in its own dtype unless asked otherwise; the interpreter (CPU tensors) has no bf16 atomic_add
-    # (triton 3.9: "Unsupported data type"), so there bf16 dC alone accumulates in fp32 (GPU: tests/test_cce_gpu.py)
+    # (triton 3.9: "Unsupported data type"), so there bf16 dC alone accumulates in fp32 (GPU: tests/kernels/test_cce_gpu.py)
     dc_dtype = torch.float32 if (accum_fp32 or (c.device.type != "cuda" and c.dtype == torch.bfloat16)) else c.dtype
     dc = torch.zeros(c.shape, dtype=dc_dtype, device=c.device)
     db = torch.zeros(v, dtype=torch.float32, device=c.device) if bias is not None else None

@@ -1,4 +1,4 @@
-"""A callback for a `python -m memfit.train` run under trainer=fsdp (tests/test_fsdp_reference.py): records, per
+"""A callback for a `python -m memfit.train` run under trainer=fsdp (tests/parallel/test_fsdp_reference.py): records, per
 optimizer step, each rank's batch and loss, the full (all-gathered) gradients before clipping, and the full trainable
 parameters before and after the step; rank 0 writes them to `path` (torch.save) when training ends.
 

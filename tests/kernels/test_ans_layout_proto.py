@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r'''
 import torch
 from experiments.ans_layout_proto import decode_proto, exponent_symbols, reads, to_groups, variants

@@ -1,6 +1,6 @@
 """Fused NF4 dequant-matmul (kernels/nf4/matmul.py): the Triton kernel under TRITON_INTERPRET=1 at tiny sizes, both
 directions, split-K and double quantization, against a float64 product on the independently dequantized weight
-(elementwise within the fp32-accumulation and output-rounding bound of tests/rounding.py); and the dispatch in
+(elementwise within the fp32-accumulation and output-rounding bound of tests/helpers/rounding.py); and the dispatch in
 `F.linear` (pure-torch twin on CPU)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from memfit.quant import NF4Tensor
 from memfit.quant.nf4_double import dynamic_code
 from rounding import assert_within, matmul_bound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CODE64 = torch.tensor(NF4_CODE, dtype=torch.float64)
 
 
@@ -35,7 +35,7 @@ def dense_f64(q: NF4Tensor) -> torch.Tensor:
 def within(out: torch.Tensor, a: torch.Tensor, q: NF4Tensor, ref: torch.Tensor, trans: bool = False,
            interpreted: bool = True) -> float:
     """out = a @ W^T (a @ W if trans) within the rounding bound of its fp32 accumulation and output dtype (the
-    interpreted kernel's bf16 casts truncate: tests/rounding.py)."""
+    interpreted kernel's bf16 casts truncate: tests/helpers/rounding.py)."""
     w = dense_f64(q)
     return assert_within(out, ref, matmul_bound(a, w if trans else w.t(), ref, out.dtype, interpreted=interpreted))
 

@@ -4,7 +4,7 @@ CPU test (tests/test_app.py, CI) and the GPU test (tests/test_app_gpu.py, one de
 Each case trains a tiny random Llama for 6 steps (validation and a checkpoint every 3), scores the test split before
 and after (greedy generation included), saves the model, then resumes from the step-3 checkpoint and must repeat the
 last three losses. Asserted: finite losses that fall, evaluation results (on CPU: losses and accuracy against float64
-and plain greedy recomputations, tests/refs.py), the saved model's logits against the trained model's, and the
+and plain greedy recomputations, tests/helpers/refs.py), the saved model's logits against the trained model's, and the
 resumed losses against the uninterrupted run's.
 """
 

@@ -352,7 +352,7 @@ def test_app_two_ranks_default_fsdp_matches_reference(tmp_path):
     from hydra.utils import instantiate
 
     overrides = [*COMPOSITIONS["qpissa-nf4"], *APP]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "helpers"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "memfit.train", *MODEL, "trainer=fsdp", "trainer.accelerator=cpu", "seed=0",
            *overrides, "adapter.progress=false", f"hydra.run.dir={tmp_path}/run", f"paths.output_dir={tmp_path}/run",
            f"paths.cache_dir={tmp_path}/cache", "+callbacks.probe._target_=fsdp_probe.Probe",

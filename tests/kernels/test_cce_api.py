@@ -87,7 +87,7 @@ def test_autocast_casts_like_a_matmul():
     eb, cb = e.bfloat16(), c.bfloat16()
     want = linear_cross_entropy(eb, cb, t)
     assert torch.equal(got, want)
-    # float64 on the bf16 inputs autocast made, within the kernel's rounding bound (tests/cce_common.py)
+    # float64 on the bf16 inputs autocast made, within the kernel's rounding bound (tests/helpers/cce_common.py)
     assert abs(float(got) - float(reference(eb.double(), cb.double(), t)[0])) <= float(error_bounds(eb, cb, t)["loss"])
 
 

@@ -2,7 +2,7 @@
 
 This is where the GPU's own arithmetic is checked: bf16 operands go to tl.dot as bf16 and bf16/fp16 dC accumulates
 through atomics in its own dtype (the CPU interpreter widens bf16 dots and accumulates bf16 dC in fp32, as it cannot do
-either). Bounds: `error_bounds` of tests/cce_common.py, float64 on the same rounded inputs."""
+either). Bounds: `error_bounds` of tests/helpers/cce_common.py, float64 on the same rounded inputs."""
 
 from __future__ import annotations
 

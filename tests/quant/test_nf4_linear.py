@@ -37,7 +37,7 @@ def test_linear_forward_backward_matches_dense_dequantized(dtype, double_quant):
     y64 = F.linear(x64, wd, b64)
     y64.backward(gy.double())
     assert y.dtype == dtype and y.shape == (2, 5, 48)
-    # rounding bounds (tests/rounding.py): the bias as one more term of the product ([x, 1] @ [W^T; b]) plus one more
+    # rounding bounds (tests/helpers/rounding.py): the bias as one more term of the product ([x, 1] @ [W^T; b]) plus one more
     # rounding of the sum; x.grad = gy @ W over 48 terms; bias.grad = a 10-term sum of gy
     x2, gy2 = x.detach().reshape(10, 80), gy.reshape(10, 48)
     xa, wa = torch.cat([x2, torch.ones(10, 1, dtype=dtype)], 1), torch.cat([wd.t(), b64.detach()[None]], 0)

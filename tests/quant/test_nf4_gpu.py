@@ -1,6 +1,6 @@
 """NF4 on the GPU (run with `-m gpu`): Triton dequantize vs the pure-torch reference at real sizes, F.linear
 forward/backward, and a quantized causal LM's greedy generation vs its dequantized twin. Products are checked
-elementwise against float64 on the same dequantized weight within tests/rounding.py's bound (fp32 accumulation over K,
+elementwise against float64 on the same dequantized weight within tests/helpers/rounding.py's bound (fp32 accumulation over K,
 the output's round-to-nearest): the GPU's bf16 tl.dot and casts, which the CPU interpreter cannot run as such."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CCE numerics on CPU: Triton (interpreted) and chunked-torch paths against float64 on the same inputs.
 
-Bound: |impl - fp64| <= the elementwise rounding-error bound of tests/cce_common.py (`error_bounds`: the dtype's unit
+Bound: |impl - fp64| <= the elementwise rounding-error bound of tests/helpers/cce_common.py (`error_bounds`: the dtype's unit
 roundoff times the accumulation lengths D, V, N and the sizes |E||C|^T, |d||C|, |d|^T|E| of the sums).
 """
 

@@ -22,7 +22,7 @@ from memfit.kernels.nf4 import (
 from memfit.quant import NF4Tensor
 from memfit.quant.nf4_double import DQ_BLOCK, dequantize_absmax, dynamic_map_values, quantize_absmax
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CODE64 = torch.tensor(NF4_CODE, dtype=torch.float64)
 
 

@@ -87,7 +87,7 @@ def run_with_grads(fn, e, c, bias=None, weight=None, lse_weight=None):
 #   dC = d^T E likewise over N rows, plus L sqrt(adds) u Q^T|E| when dC accumulates in the dtype (GPU bf16/fp16
 #            atomics: one rounded add per row block, each also off by up to `tiny` in fp16's subnormal range)
 #   dbias = sum_i d_ij in fp32: 2 (Q o zb)^T 1 + L sqrt(N) u32 Q^T 1, rounded: u |db|
-# L = 4 makes the sqrt(K) terms probabilistic bounds (tests/rounding.py); `assert_within` returns err / bound.
+# L = 4 makes the sqrt(K) terms probabilistic bounds (tests/helpers/rounding.py); `assert_within` returns err / bound.
 # Filtering (filter_eps > 0) drops whole tiles whose every |a p| < eps |a|: at most eps |a_i| sum_j |C_j| on dE and
 # eps sum_i |a_i E_i| on dC.
 def dc_rounded_adds(impl: str, dtype: torch.dtype, device: torch.device | str, n_rows: int,
