@@ -7,7 +7,8 @@ the fast test selection that exercises them) it:
 1. enumerates the mutation sites of every file: arithmetic/bitwise operator swaps (+ -, * /, // /, % //, << >>, & |,
    ^ &, ** *), comparison swaps (< <=, > >=, == !=, is / is not, in / not in), and/or, dropping `not` and unary
    minus, integer constants n -> n + 1, float constants x -> x + 1, True <-> False. Docstrings, strings, f-strings
-   (error messages) and annotations are not mutated;
+   (error messages), annotations, and Triton kernels (@triton.jit) with the functions that launch them (`kernel[grid](...)`) (GPU code,
+   tested on the GPU machine) are not mutated;
 2. takes a seeded random sample of at most --max-mutants of them (the report says when it sampled);
 3. applies one mutant at a time to a temporary copy of the tree (the mutated file is ast.unparse'd; the unmutated,
    unparsed tree is run first as a null mutant and must pass: it also gives the clean time for the timeout), and runs
@@ -98,7 +99,7 @@ SYM = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "/
 
 
 def _skipped(tree: ast.AST) -> set[int]:
-    """ids of nodes never mutated: docstrings, f-strings, annotations, `from __future__`."""
+    """ids of nodes never mutated: docstrings, f-strings, annotations, imports, Triton kernels and launchers."""
     skip: set[int] = set()
 
     def mark(node: ast.AST | None) -> None:
@@ -114,6 +115,9 @@ def _skipped(tree: ast.AST) -> set[int]:
             mark(node.annotation)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             mark(node.returns)
+        launches = any(isinstance(c, ast.Call) and isinstance(c.func, ast.Subscript) for c in ast.walk(node))
+        if isinstance(node, ast.FunctionDef) and (launches or any("jit" in ast.unparse(d) for d in node.decorator_list)):
+            mark(node)  # Triton kernel bodies and their launchers: GPU code, out of this CPU campaign's scope
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
