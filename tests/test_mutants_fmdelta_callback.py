@@ -182,3 +182,16 @@ def test_atomic_checkpoints_swap_only_the_default_writer(tmp_path):
     custom.save_checkpoint({"a": torch.ones(2)}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in path.parent.iterdir()] == ["c.ckpt"]
+
+
+@pytest.mark.parametrize("context", [None, True, False])
+def test_context_setting_reaches_the_delta_records(context):
+    from memfit.compression.container import DeltaReader
+
+    c = cb.FMDeltaCheckpoint() if context is None else cb.FMDeltaCheckpoint(context=context)
+    c.base = _state(0)
+    c.base_fp = state_fingerprint(c.base)
+    blob = c.encode({"state_dict": _tuned()})[cb.KEY]
+    with DeltaReader(io.BytesIO(bytes(blob["state_dict"].numpy()))) as r:
+        flags = [m["context"] for m, _ in r if "context" in m]
+    assert flags and all(f is (context is not False) for f in flags)  # on by default
