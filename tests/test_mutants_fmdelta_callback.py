@@ -178,8 +178,9 @@ def test_atomic_checkpoints_swap_only_the_default_writer(tmp_path):
     trainer.strategy.checkpoint_io = custom
     cb.AtomicCheckpoints().setup(trainer, None, "fit")
     assert trainer.strategy.checkpoint_io is custom
-    path = tmp_path / "deep" / "c.ckpt"
-    custom.save_checkpoint({"a": torch.ones(2)}, str(path))
+    path = tmp_path / "deep" / "deeper" / "c.ckpt"  # missing parent folders are made
+    custom.save_checkpoint({"a": torch.zeros(2)}, str(path))
+    custom.save_checkpoint({"a": torch.ones(2)}, str(path))  # the folder exists now: replaced in place
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in path.parent.iterdir()] == ["c.ckpt"]
 
@@ -195,3 +196,17 @@ def test_context_setting_reaches_the_delta_records(context):
     with DeltaReader(io.BytesIO(bytes(blob["state_dict"].numpy()))) as r:
         flags = [m["context"] for m, _ in r if "context" in m]
     assert flags and all(f is (context is not False) for f in flags)  # on by default
+
+
+class _Opaque:
+    """Not on torch's weights-only allowlist."""
+
+
+def test_load_fmdelta_checkpoint_is_weights_only(tmp_path):
+    import pickle
+
+    c = _callback()
+    path = tmp_path / "x.ckpt"
+    torch.save({**c.encode({"state_dict": _tuned()}), "extra": _Opaque()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        cb.load_fmdelta_checkpoint(path, _state(0))
