@@ -271,6 +271,9 @@ def run_module(name: str, spec: dict, phase: str, max_mutants: int, seed: int, t
     # keep -k at the end: files first
     files = [a for a in args if a.startswith("tests/")]
     rest = [a for a in spec["tests"] if not a.startswith("tests/")]
+    if phase == "after" and "-k" in rest:  # the -k filter is for the existing files: the new tests all run
+        i = rest.index("-k") + 1
+        rest[i] = f"({rest[i]}) or test_mutants_"
     args = files + rest
     with tempfile.TemporaryDirectory(prefix=f"mut_{name}_") as tmp:
         tree = Path(tmp)
