@@ -210,3 +210,10 @@ def test_load_fmdelta_checkpoint_is_weights_only(tmp_path):
     torch.save({**c.encode({"state_dict": _tuned()}), "extra": _Opaque()}, path)
     with pytest.raises(pickle.UnpicklingError):
         cb.load_fmdelta_checkpoint(path, _state(0))
+
+
+def test_optimizer_state_is_loaded_weights_only():
+    c = _callback("zlib")
+    out = c.encode({"state_dict": _tuned(), "optimizer_states": [{"x": _Opaque()}]})
+    with pytest.raises(ValueError, match="optimizer_states is corrupt"):
+        c.decode(out)
