@@ -344,3 +344,58 @@ def test_container_reader_rejects(tmp_path):
     for raw, match in [(b"[1]", "not a JSON object"), (b"{", "not valid JSON"), (b"[" * 100000, "not valid JSON")]:
         with pytest.raises(ContainerError, match=match):
             container.load_json_object(raw, "x")
+
+
+def test_cpu_dispatch_native_and_reference_fallback(monkeypatch):
+    from memfit.compression import fmdelta_native
+
+    base, ft = _pair(torch.float32, 5000, 8)
+    payload = b"".join(bytes(p) for p in encode_delta(base, ft, block=2048, segment=4096)[1])
+    calls = []
+    enc, dec = fmdelta_native.encode, fmdelta_native.decode
+    monkeypatch.setattr(fmdelta_native, "encode", lambda *a, **k: calls.append("enc") or enc(*a, **k))
+    monkeypatch.setattr(fmdelta_native, "decode", lambda *a, **k: calls.append("dec") or dec(*a, **k))
+    meta, parts = encode_delta(base, ft, block=2048, segment=4096)
+    assert torch.equal(decode_delta(base, meta, b"".join(bytes(p) for p in parts)), ft)
+    assert calls == ["enc", "enc", "dec", "dec"]  # CPU tensors go to the compiled codec, one call per segment
+    # without the compiled library: the torch reference, same bytes (no GPU code on CPU tensors)
+    monkeypatch.setattr(fmdelta_native, "library", lambda: None)
+    meta2, parts2 = encode_delta(base, ft, block=2048, segment=4096)
+    assert meta2 == meta and b"".join(bytes(p) for p in parts2) == payload
+    assert torch.equal(decode_delta(base, meta, payload), ft)
+    assert calls == ["enc", "enc", "dec", "dec"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_one_element_blocks(dtype):
+    # block = 1: each block holds at most W-1 raw bits, i.e. exactly the largest word count a block may have
+    base, ft = _pair(dtype, 40, 9)
+    meta, parts = encode_delta(base, ft, block=1, segment=8)
+    syms, ks, lows = spec(base, ft, True)
+    counts, raw = packed(ks, lows, 1)
+    assert b"".join(bytes(p) for p in parts[2::3]) == raw
+    assert torch.equal(decode_delta(base, meta, b"".join(bytes(p) for p in parts)).view(-1).view(torch.uint8),
+                       ft.view(-1).view(torch.uint8))
+
+
+def test_block_table_sum_and_footer_size_checks():
+    base, ft = _pair(torch.float32, 300, 10)
+    meta, parts = encode_delta(base, ft, block=64, segment=320)
+    payload = b"".join(bytes(p) for p in parts)
+    n0, la, lb, lw = meta["segments"][0]
+    table = list(struct.unpack(f"<{lb // 4}i", payload[la:la + lb]))
+    for i, delta in [(0, 1), (len(table) - 1, -1)]:  # every entry in range, the total one word off
+        bad = table.copy()
+        bad[i] += delta
+        if not 0 <= bad[i] <= (64 * 32 + 63) // 64:
+            continue
+        raw = payload[:la] + struct.pack(f"<{len(bad)}i", *bad) + payload[la + lb:]
+        with pytest.raises(ValueError, match="block table does not match"):
+            decode_delta(base, meta, raw)
+    # a footer of exactly 12 bytes (END, a zero length, a checksum): parsed, and rejected for its empty index
+    good = _container_bytes({"h": 1}, [])
+    (size,) = struct.unpack_from("<Q", good, len(good) - 16)
+    start = len(good) - 16 - size
+    body = b"END\0" + struct.pack("<I", 0) + struct.pack("<I", zlib.crc32(b""))
+    with pytest.raises(ContainerError, match="not valid JSON"):
+        DeltaReader(io.BytesIO(good[:start] + body + struct.pack("<Q", 12) + b"FMDELTA\0"))

@@ -127,7 +127,8 @@ def test_header_checks():
         NeuZipTensor.from_bytes(_reseal(buf, body + b"\0", npk=npk + 1))
     lossy = NeuZipTensor.from_dense(w, 2, block=4).to_bytes()
     nsc = struct.unpack_from(HEAD, lossy)[8]
-    assert nsc == 3
+    assert nsc == 3  # ceil(9 / 4): the last block is partial
+    assert torch.equal(NeuZipTensor.from_bytes(lossy).dequantize(), NeuZipTensor.from_dense(w, 2, block=4).dequantize())
     with pytest.raises(ValueError, match="block scales"):
         NeuZipTensor.from_bytes(_reseal(lossy, lossy[HSIZE:] + b"\0\0\0\0", nsc=4))
 
