@@ -101,6 +101,24 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "symbol, so the result is the same",
     ("kernels/ans_cpu.py", 108, "1 -> 2"):
         "one more zero word of padding after the stream: the decoder never reads past the first pad word",
+    ("framework/compression/fmdelta_codec.py", 68, "% -> //"):
+        "not reachable on CPU: `_use_gpu_kernels` returns False for CPU tensors before this line",
+    ("framework/compression/fmdelta_codec.py", 185, "64 -> 65"):
+        "a valid block needs at most ceil(block * (W - 1) / 64) words, below both bounds (W <= 64); a crafted table "
+        "between the bounds is rejected either way (here, or by the decoder's consistency check)",
+    ("framework/compression/fmdelta_ref.py", 24, "< -> <="):
+        "msb64 is only called on positive magnitudes (zeros are replaced by ones first): mag == 0 never occurs",
+    ("framework/compression/fmdelta_ref.py", 100, "2 -> 3"):
+        "one more zero word of padding: an element spans at most two words, so the third is never read",
+    ("framework/quant/neuzip.py", 287, "is not -> is"):
+        "not reachable on CPU: the Triton decode branch (CUDA, or use_triton=True under the Triton interpreter), "
+        "outside this CPU selection",
+    ("framework/quant/nf4.py", 167, "== -> !="):
+        "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never evaluated on CPU",
+    ("framework/quant/nf4.py", 167, "<= -> <"):
+        "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never evaluated on CPU",
+    ("framework/quant/nf4.py", 173, "0 -> 1"):
+        "not reachable on CPU: `n` (and `width` for trans=True) only feed the fused CUDA kernel's selection and call: unused on CPU",
 }
 
 BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -387,7 +405,7 @@ def write_md(data: dict) -> None:
             if a is not None and a["status"] != "survived":
                 out = f"killed by `{a.get('killed_by') or a['status']}`"
             elif eq:
-                out = f"equivalent: {eq}"
+                out = eq if eq.startswith("not reachable") else f"equivalent: {eq}"
             elif a is None:
                 out = "not re-run"
             else:
