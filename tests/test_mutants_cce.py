@@ -44,6 +44,11 @@ def test_shift_helpers_known_answers():
     assert shift_targets(t, 3, -7).tolist() == [[4, -7, -7, -7], [8, -7, -7, -7]]
     assert shift_targets(t, 9, -1).tolist() == [[-1] * 4, [-1] * 4]  # longer than the sequence: all ignored
     assert shift_targets(t, 0, -1) is t
+    one = torch.tensor([1, 2, 3])  # 1-D and 3-D targets shift along their last dimension
+    assert shift_targets(one, 1, -1).tolist() == [2, 3, -1] and shift_labels(one, 2).tolist() == [3, IGN, IGN]
+    three = torch.arange(8).reshape(2, 2, 2)
+    assert shift_targets(three, 1, -1).tolist() == [[[1, -1], [3, -1]], [[5, -1], [7, -1]]]
+    assert shift_labels(three, 1).tolist() == [[[1, IGN], [3, IGN]], [[5, IGN], [7, IGN]]]
     assert auto_filter_eps(torch.bfloat16) == 2.0 ** -7 / 32 and auto_filter_eps(torch.float16) == 2.0 ** -10 / 32
     assert auto_filter_eps(torch.float32) == 0.0 and auto_filter_eps(torch.float64) == 0.0
 
