@@ -258,3 +258,19 @@ def test_cpu_coder_errors_and_helpers(monkeypatch):
     assert [ans_cpu.cpu_threads(w) for w in (0, 10, (1 << 18) - 1, 1 << 18, (2 << 18) - 1, 2 << 18, 100 << 18)] == \
         [1, 1, 1, 1, 1, 2, 8]
     assert ans_cpu.cpu_threads(10 << 10, min_per_thread=1 << 10) == 8
+
+
+def test_quantize_frequencies_rare_symbols_start_at_one_slot():
+    # floored shares below 2**prob_bits: units are added, so a rare symbol must start from 1 slot, not more
+    for counts in ([1, 100, 100], [1, 1, 50, 60], [2, 3, 200, 150, 90]):
+        f = quantize_frequencies(torch.tensor(counts), 4).tolist()
+        assert sum(f) == 16 and f[0] == 1
+        assert _cost(counts, f, 16) <= _brute_force(counts, 16) + 1e-9, (counts, f)
+
+
+def test_thread_count_with_tiny_shares(monkeypatch):
+    # min_per_thread of 1 (or 0, read as 1): one thread per element, up to the cap
+    monkeypatch.setattr(ans_cpu, "idle_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert [ans_cpu.cpu_threads(w, min_per_thread=1) for w in (1, 3, 5, 20)] == [1, 3, 5, 8]
+    assert ans_cpu.cpu_threads(3, min_per_thread=0) == 3
