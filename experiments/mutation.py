@@ -119,6 +119,9 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
         "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never evaluated on CPU",
     ("framework/quant/nf4.py", 173, "0 -> 1"):
         "not reachable on CPU: `n` (and `width` for trans=True) only feed the fused CUDA kernel's selection and call: unused on CPU",
+    ("framework/quant/neuzip.py", 248, "!= -> =="):
+        "not reachable on CPU: with `out` of another dtype the CPU decoder's converting copy fills it with the same "
+        "values as decode-then-copy; only the CUDA decoder's bit view of `out` would differ",
     ("framework/adapters/svd.py", 47, ">= -> >"):
         "for a square weight both Gram matrices have the same size, and either side gives the same top-r triplets "
         "(the tests compare with float64 SVD within 1e-5 for square weights too)",

@@ -201,3 +201,22 @@ def test_finish_right_and_left_agree():
     u0, s0, _ = svd._finish(zero, ev, vec, 2, right=True)
     assert torch.equal(s0, torch.zeros(1, 2, dtype=torch.float64)) and torch.equal(u0, torch.zeros(1, 4, 2,
                                                                                                dtype=torch.float64))
+
+
+def test_default_iterations_count_quantizer_calls():
+    # 5 iterations by default: QPiSSA quantizes between iterations (4 times per matrix), LoftQ in each (5 times)
+    w = _w((2, 6, 5), 9, decay=False)
+    calls = []
+
+    def q(m):
+        calls.append(1)
+        return torch.round(m * 4) / 4
+
+    inits.qpissa_factors(w, 2, 1.0, q)
+    assert len(calls) == 4 * 2
+    calls.clear()
+    inits.loftq_factors(w, 2, 1.0, q)
+    assert len(calls) == 5 * 2
+    calls.clear()
+    inits.qpissa_factors(w, 2, 1.0, q, iters=1)  # one iteration: plain PiSSA, no quantization
+    assert calls == []
