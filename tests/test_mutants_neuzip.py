@@ -217,3 +217,16 @@ def test_lane_length_setting():
         lane_length({"symbols_per_lane": 0})
     z = NeuZipTensor.from_dense(torch.randn(1000))
     assert z.enc.lanes == 4  # ceil(1000 / 256)
+
+
+def test_one_rank_shortcut_into_another_dtype_keeps_the_weight_dtype_rounding():
+    # block-scaled lossy weights: the rescaled values are rounded to the weight's dtype (bf16) before they land in an
+    # fp32 `out`, exactly as dequantize() gives them
+    w = _weight(torch.bfloat16, (4, 6), 6)
+    z = NeuZipTensor.from_dense(w, 3, block=4)
+    inputs, meta = z.fsdp_pre_all_gather(None)
+    out32 = torch.zeros(4, 6, dtype=torch.float32)
+    assert z.fsdp_post_all_gather(inputs[:1], meta, out=out32) is None
+    expected = z.dequantize()
+    assert torch.equal(out32, expected.float())
+    assert torch.equal(out32.to(torch.bfloat16).float(), out32)  # every value is bf16-representable
