@@ -128,6 +128,8 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
     ("framework/adapters/svd.py", 72, "2 -> 3"):
         "a third Cholesky-QR pass over an already orthonormal basis returns it unchanged (to rounding)",
 }
+# survivors of the holdout sample, with what is known about them
+HOLDOUT_NOTES: dict[tuple, str] = {}
 
 BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
               ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.LShift: ast.RShift, ast.RShift: ast.LShift,
@@ -309,11 +311,11 @@ def run_module(name: str, spec: dict, phase: str, max_mutants: int, seed: int, t
     total = len(muts)
     sample = sorted(random.Random(seed).sample(muts, max_mutants), key=lambda m: (m["file"], m["index"])) \
         if total > max_mutants else muts
-    args = spec["tests"] + (spec["new"] if phase == "after" else [])
+    args = spec["tests"] + (spec["new"] if phase != "before" else [])
     # keep -k at the end: files first
     files = [a for a in args if a.startswith("tests/")]
     rest = [a for a in spec["tests"] if not a.startswith("tests/")]
-    if phase == "after" and "-k" in rest:  # the -k filter is for the existing files: the new tests all run
+    if phase != "before" and "-k" in rest:  # the -k filter is for the existing files: the new tests all run
         i = rest.index("-k") + 1
         rest[i] = f"({rest[i]}) or test_mutants_"
     args = files + rest
@@ -391,7 +393,7 @@ def write_md(data: dict) -> None:
              "Timeouts are counted as killed (the mutant made the selection hang or run past its limit). "
              "Where a module has more mutation sites than `--max-mutants`, a seeded random sample was tested "
              "(`sampled` column); the after run uses the same sample.", ""]
-    for phase in ("before", "after"):
+    for phase in ("before", "after", "holdout"):
         if phase not in data:
             continue
         run = data[phase]
@@ -442,13 +444,26 @@ def write_md(data: dict) -> None:
                 out = "**survives** (not explained)"
             code = m["code"].replace("|", "\\|")[:90]
             lines.append(f"| {name} | {m['file']}:{m['line']} | `{m['mutation']}` | `{code}` | {out} |")
+    hold = data.get("holdout", {}).get("modules", {})
+    if hold:
+        lines += ["", "## Survivors of the holdout run", "",
+                  "| module | file:line | mutation | code | note |", "|---|---|---|---|---|"]
+        for name, mod in hold.items():
+            for m in mod["mutants"]:
+                if m["status"] == "survived":
+                    eq = equivalent(m)
+                    note = (eq if eq.startswith("not reachable") else f"equivalent: {eq}") if eq else \
+                        HOLDOUT_NOTES.get((m["file"], m["line"], m["mutation"]), "not analysed")
+                    code = m["code"].replace("|", "\\|")[:90]
+                    lines.append(f"| {name} | {m['file']}:{m['line']} | `{m['mutation']}` | `{code}` | {note} |")
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modules", nargs="*", default=list(MODULES), choices=list(MODULES))
-    ap.add_argument("--phase", choices=["before", "after"], default="before")
+    ap.add_argument("--phase", choices=["before", "after", "holdout"], default="before",
+                    help="holdout: the after selection on a fresh sample (another --seed), every mutant run")
     ap.add_argument("--max-mutants", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0, help="per-mutant limit (s), capped at 4x the clean run")
@@ -472,10 +487,12 @@ def main() -> None:
             pass
     data["versions"] = versions()
     run = data.setdefault(args.phase, {"modules": {}})
-    run["note"] = ("current tests" if args.phase == "before" else
-                   "with the tests/test_mutants_*.py files added" +
+    run["note"] = {"before": "current tests",
+                   "after": "with the tests/test_mutants_*.py files added" +
                    ("; only the before-run's survivors re-run, mutants killed before counted as killed"
-                    if args.only_survivors else ""))
+                    if args.only_survivors else ""),
+                   "holdout": f"the after selection on a fresh sample (seed {args.seed}) that the new tests were "
+                   "not written against, every mutant run"}[args.phase]
     for name in args.modules:
         only = None
         if args.only_survivors:
@@ -484,7 +501,7 @@ def main() -> None:
                 raise SystemExit(f"--only-survivors: no before run of {name}")
             only = [m for m in prev["mutants"] if m["status"] == "survived"]
         spec = MODULES[name]
-        if args.phase == "after":
+        if args.phase != "before":
             missing = [f for f in spec["new"] if not (ROOT / f).exists()]
             spec = dict(spec, new=[f for f in spec["new"] if f not in missing])
         res = run_module(name, spec, args.phase, args.max_mutants, args.seed, args.timeout, only)
