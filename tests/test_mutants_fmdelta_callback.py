@@ -222,3 +222,16 @@ def test_optimizer_state_is_loaded_weights_only():
     out = c.encode({"state_dict": _tuned(), "optimizer_states": [{"x": _Opaque()}]})
     with pytest.raises(ValueError, match="optimizer_states is corrupt"):
         c.decode(out)
+
+
+def test_atomic_writer_delegates_remote_paths_and_storage_options(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint",
+                        lambda self, ckpt, path, storage_options=None: seen.append((str(path), storage_options)))
+    io_ = cb.AtomicCheckpointIO()
+    io_.save_checkpoint({"a": 1}, "memory://bucket/c.ckpt")  # not a local path: Lightning's (fsspec) writer
+    io_.save_checkpoint({"a": 1}, str(tmp_path / "d.ckpt"), storage_options={"x": 1})
+    assert seen == [("memory://bucket/c.ckpt", None), (str(tmp_path / "d.ckpt"), {"x": 1})]
+    assert list(tmp_path.iterdir()) == []
+    io_.save_checkpoint({"a": 1}, str(tmp_path / "e.ckpt"))  # local, no options: written here, atomically
+    assert len(seen) == 2 and (tmp_path / "e.ckpt").exists()

@@ -274,3 +274,14 @@ def test_thread_count_with_tiny_shares(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert [ans_cpu.cpu_threads(w, min_per_thread=1) for w in (1, 3, 5, 20)] == [1, 3, 5, 8]
     assert ans_cpu.cpu_threads(3, min_per_thread=0) == 3
+
+
+def test_documented_defaults():
+    # ~2048 symbols per lane by default, probabilities quantised to 12 bits by default
+    from memfit.kernels.ans import default_lanes
+
+    assert [default_lanes(n) for n in (0, 1, 2048, 2049, 4096, 4097)] == [1, 1, 1, 2, 2, 3]
+    assert default_lanes(100, 7) == 15
+    assert ans_encode(torch.zeros(4097, dtype=torch.uint8)).lanes == 3
+    assert int(quantize_frequencies(torch.tensor([3, 1])).sum()) == 4096
+    assert ans_encode(torch.tensor([0, 1, 1], dtype=torch.uint8)).prob_bits == 12
