@@ -445,6 +445,7 @@ def write_md(data: dict) -> None:
             code = m["code"].replace("|", "\\|")[:90]
             lines.append(f"| {name} | {m['file']}:{m['line']} | `{m['mutation']}` | `{code}` | {out} |")
     hold = data.get("holdout", {}).get("modules", {})
+    recheck = data.get("holdout_recheck", {}).get("modules", {})
     if hold:
         lines += ["", "## Survivors of the holdout run", "",
                   "| module | file:line | mutation | code | note |", "|---|---|---|---|---|"]
@@ -452,8 +453,14 @@ def write_md(data: dict) -> None:
             for m in mod["mutants"]:
                 if m["status"] == "survived":
                     eq = equivalent(m)
-                    note = (eq if eq.startswith("not reachable") else f"equivalent: {eq}") if eq else \
-                        HOLDOUT_NOTES.get((m["file"], m["line"], m["mutation"]), "not analysed")
+                    again = {(x["file"], x["index"]): x for x in recheck.get(name, {}).get("mutants", [])}
+                    r = again.get((m["file"], m["index"]))
+                    if r is not None and r["status"] != "survived":
+                        note = f"killed by `{r.get('killed_by') or r['status']}` (a test added after the holdout run)"
+                    elif eq:
+                        note = eq if eq.startswith("not reachable") else f"equivalent: {eq}"
+                    else:
+                        note = HOLDOUT_NOTES.get((m["file"], m["line"], m["mutation"]), "not analysed")
                     code = m["code"].replace("|", "\\|")[:90]
                     lines.append(f"| {name} | {m['file']}:{m['line']} | `{m['mutation']}` | `{code}` | {note} |")
     (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
@@ -469,7 +476,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0, help="per-mutant limit (s), capped at 4x the clean run")
     ap.add_argument("--only-survivors", action="store_true",
                     help="after phase: re-run only the before-run's survivors (killed mutants stay killed: tests "
-                         "were only added)")
+                         "were only added); holdout phase: re-check the holdout run's survivors (holdout_recheck)")
     ap.add_argument("--report-only", action="store_true", help="rewrite mutation.md from mutation.json")
     args = ap.parse_args()
     sys.dont_write_bytecode = True
@@ -486,7 +493,8 @@ def main() -> None:
         except ImportError:
             pass
     data["versions"] = versions()
-    run = data.setdefault(args.phase, {"modules": {}})
+    key = "holdout_recheck" if args.phase == "holdout" and args.only_survivors else args.phase
+    run = data.setdefault(key, {"modules": {}})
     run["note"] = {"before": "current tests",
                    "after": "with the tests/test_mutants_*.py files added" +
                    ("; only the before-run's survivors re-run, mutants killed before counted as killed"
@@ -496,9 +504,10 @@ def main() -> None:
     for name in args.modules:
         only = None
         if args.only_survivors:
-            prev = data.get("before", {}).get("modules", {}).get(name)
+            src = "holdout" if args.phase == "holdout" else "before"
+            prev = data.get(src, {}).get("modules", {}).get(name)
             if prev is None:
-                raise SystemExit(f"--only-survivors: no before run of {name}")
+                raise SystemExit(f"--only-survivors: no {src} run of {name}")
             only = [m for m in prev["mutants"] if m["status"] == "survived"]
         spec = MODULES[name]
         if args.phase != "before":
