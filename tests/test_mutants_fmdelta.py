@@ -399,3 +399,13 @@ def test_block_table_sum_and_footer_size_checks():
     body = b"END\0" + struct.pack("<I", 0) + struct.pack("<I", zlib.crc32(b""))
     with pytest.raises(ContainerError, match="not valid JSON"):
         DeltaReader(io.BytesIO(good[:start] + body + struct.pack("<Q", 12) + b"FMDELTA\0"))
+
+
+def test_largest_block_is_two_to_the_26():
+    # the decoder's block limit: block_words of a full block must fit 32 bits
+    base, ft = _pair(torch.float32, 10, 11)
+    meta, parts = encode_delta(base, ft, block=64, segment=64)
+    payload = b"".join(bytes(p) for p in parts)
+    assert fmdelta_codec._check_codec_meta({**meta, "block": 1 << 26}) == (1 << 26, True)
+    with pytest.raises(ValueError, match="corrupt FM-Delta meta"):
+        decode_delta(base, {**meta, "block": (1 << 26) + 1}, payload)

@@ -285,3 +285,9 @@ def test_documented_defaults():
     assert ans_encode(torch.zeros(4097, dtype=torch.uint8)).lanes == 3
     assert int(quantize_frequencies(torch.tensor([3, 1])).sum()) == 4096
     assert ans_encode(torch.tensor([0, 1, 1], dtype=torch.uint8)).prob_bits == 12
+
+
+def test_prob_bits_above_16_refused_with_a_given_table():
+    x = torch.tensor([0, 1], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="prob_bits"):
+        ans_encode(x, torch.tensor([1 << 16, 1 << 16], dtype=torch.int32), prob_bits=17)
