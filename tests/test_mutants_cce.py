@@ -204,3 +204,13 @@ def test_loss_classes_against_float64():
     want7 = rows7.sum() / (lab7 != 7).sum()
     for loss in (TorchCrossEntropy(ignore_index=7), CutCrossEntropy(ignore_index=7)):
         _close(loss, loss(h, w, lab7.reshape(2, 5), shift=0), want7)
+
+
+def test_rank_checks_of_e_and_c():
+    e, c, _, t = _inputs()
+    with pytest.raises(ValueError, match="expected e"):
+        linear_cross_entropy(torch.tensor(1.0, dtype=torch.float64), c, torch.tensor(0))
+    with pytest.raises(ValueError, match="expected e"):
+        linear_cross_entropy(e, c[0], t)
+    with pytest.raises(ValueError, match="expected e"):
+        linear_cross_entropy(e, c[None], t)

@@ -170,3 +170,14 @@ def test_checkpoint_rebuild_checks(double_quant):
         _rebuild_nf4((inner[0], inner[1][:-1], *inner[2:]), (3, 50), "float32", 64, off)
     odd = NF4Tensor.from_dense(_w((3, 5), 7), 32, double_quant=double_quant)  # 15 weights: 8 bytes, 1 scale
     assert _rebuild_nf4(odd.inner_tensors(), (3, 5), "bfloat16", 32, odd.offset).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_subclass_flatten_round_trip(double_quant):
+    # the wrapper-subclass protocol (torch.compile, FSDP2): inner tensors by name, then rebuilt from them
+    t = NF4Tensor.from_dense(_w((3, 40), 8), 32, double_quant=double_quant)
+    names, ctx = t.__tensor_flatten__()
+    assert names == (["packed", "qabsmax", "absmax2"] if double_quant else ["packed", "absmax"])
+    assert ctx == (32, t.offset, torch.float32)
+    back = NF4Tensor.__tensor_unflatten__({n: getattr(t, n) for n in names}, ctx, t.shape, t.stride())
+    assert back.double_quant == double_quant and torch.equal(back.dequantize(), t.dequantize())
