@@ -117,6 +117,18 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
         "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never evaluated on CPU",
     ("framework/quant/nf4.py", 167, "<= -> <"):
         "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never evaluated on CPU",
+    ("framework/quant/nf4.py", 167, "% -> //"):
+        "not reachable on CPU: `_use_fused` starts with `a.is_cuda and ...`, so the rest of the condition is never "
+        "evaluated on CPU",
+    ("framework/quant/nf4.py", 176, "is not -> is"):
+        "not reachable on CPU: inside the fused-kernel branch of nf4_mm (CUDA only)",
+    ("framework/quant/nf4.py", 179, "1 -> 2"):
+        "not reachable on CPU: inside the fused-kernel branch of nf4_mm (CUDA only)",
+    ("kernels/nf4.py", 127, "is not -> is"):
+        "not reachable on CPU: only defines the Triton kernel, which runs on CUDA or under the Triton interpreter",
+    ("kernels/cce_reference.py", 73, "0 -> 1"):
+        "in grad_torch `n` only sets the vocabulary chunk width (budget // n); every chunking gives the same exact "
+        "gradients",
     ("framework/quant/nf4.py", 173, "0 -> 1"):
         "not reachable on CPU: `n` (and `width` for trans=True) only feed the fused CUDA kernel's selection and call: unused on CPU",
     ("kernels/ans.py", 240, ">= -> >"):
