@@ -126,7 +126,7 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
         "not reachable on CPU: inside the fused-kernel branch of nf4_mm (CUDA only)",
     ("kernels/nf4.py", 127, "is not -> is"):
         "not reachable on CPU: only defines the Triton kernel, which runs on CUDA or under the Triton interpreter",
-    ("kernels/cce_reference.py", 73, "0 -> 1"):
+    ("kernels/cce_reference.py", 73, "0 -> 1", 32):  # e.shape[0] (the c.shape[0] one is killed)
         "in grad_torch `n` only sets the vocabulary chunk width (budget // n); every chunking gives the same exact "
         "gradients",
     ("framework/quant/nf4.py", 173, "0 -> 1"):
