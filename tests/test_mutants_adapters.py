@@ -220,3 +220,13 @@ def test_default_iterations_count_quantizer_calls():
     calls.clear()
     inits.qpissa_factors(w, 2, 1.0, q, iters=1)  # one iteration: plain PiSSA, no quantization
     assert calls == []
+
+
+def test_exact_top_r_uses_a_float64_gram_on_cpu():
+    # a float64 weight wider than r + 16: the exact mode's float64 Gram gives the top triplets to ~1e-12
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    u, s, vh = svd.exact_top_r(w, 3)
+    u64, s64, vh64 = torch.linalg.svd(w)
+    torch.testing.assert_close(s, s64[:3], atol=1e-10, rtol=0)
+    torch.testing.assert_close((u * s) @ vh, u64[:, :3] @ torch.diag(s64[:3]) @ vh64[:3], atol=1e-10, rtol=0)
