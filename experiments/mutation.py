@@ -157,6 +157,18 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
         "the all-gather hands back 1 tensor (FSDP2's 1-rank shortcut) or 5-6 (one per compressed part), never 2",
     ("framework/quant/neuzip.py", 292, "False -> True"):
         "ans_decode's CPU path validates whatever `validate` says (the flag only skips host syncs on CUDA)",
+    ("framework/adapters/svd.py", 45, "== -> !="):
+        "whether a 2-D weight gets a batch dimension of 1 (and 3-D gets a second one) does not matter: every step is "
+        "batched over the leading dimensions and the result is un-batched to match",
+    ("framework/adapters/svd.py", 45, "2 -> 3"):
+        "whether a 2-D weight gets a batch dimension of 1 (and 3-D gets a second one) does not matter: every step is "
+        "batched over the leading dimensions and the result is un-batched to match",
+    ("framework/adapters/svd.py", 47, "-1 -> 1"):
+        "picks which side's Gram matrix is decomposed: either side gives the exact top-r triplets (the larger one "
+        "only costs more)",
+    ("framework/adapters/svd.py", 47, "1 -> 2"):
+        "picks which side's Gram matrix is decomposed: either side gives the exact top-r triplets (the larger one "
+        "only costs more)",
     ("framework/adapters/svd.py", 47, ">= -> >"):
         "for a square weight both Gram matrices have the same size, and either side gives the same top-r triplets "
         "(the tests compare with float64 SVD within 1e-5 for square weights too)",
