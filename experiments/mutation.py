@@ -448,11 +448,12 @@ def write_md(data: dict) -> None:
              "Timeouts are counted as killed (the mutant made the selection hang or run past its limit). "
              "Where a module has more mutation sites than `--max-mutants`, a seeded random sample was tested "
              "(`sampled` column); the after run uses the same sample.", ""]
-    for phase in ("before", "after", "holdout"):
+    for phase in ("before", "after", "holdout", "holdout_recheck"):
         if phase not in data:
             continue
         run = data[phase]
-        lines += [f"## {phase.capitalize()}: {run['note']}", "",
+        title = {"holdout_recheck": "Holdout, re-checked"}.get(phase, phase.capitalize())
+        lines += [f"## {title}: {run['note']}", "",
                   "| module | sites | mutants tried | sampled (seed) | killed | timeout (= killed) | survived | kill rate "
                   "| survivors listed equivalent / CPU-unreachable | kill rate of the rest | test selection |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -550,12 +551,16 @@ def main() -> None:
     data["versions"] = versions()
     key = "holdout_recheck" if args.phase == "holdout" and args.only_survivors else args.phase
     run = data.setdefault(key, {"modules": {}})
+    if key == "holdout_recheck":
+        args.phase = "holdout_recheck"
     run["note"] = {"before": "current tests",
                    "after": "with the tests/test_mutants_*.py files added" +
                    ("; only the before-run's survivors re-run, mutants killed before counted as killed"
                     if args.only_survivors else ""),
                    "holdout": f"the after selection on a fresh sample (seed {args.seed}) that the new tests were "
-                   "not written against, every mutant run"}[args.phase]
+                   "not written against, every mutant run",
+                   "holdout_recheck": "the holdout run's survivors re-run with the tests added after it (mutants "
+                   "the holdout run killed counted as killed)"}[args.phase]
     for name in args.modules:
         only = None
         if args.only_survivors:
