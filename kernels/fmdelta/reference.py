@@ -22,7 +22,8 @@ def msb64(mag: torch.Tensor) -> torch.Tensor:
     """Index of the leading one of positive int64 values (int64 -2^63 counts as 2^63 -> 63)."""
     e = torch.frexp(mag.to(torch.float64))[1].to(torch.int64) - 1
     e = torch.where(mag < 0, torch.full_like(e, 63), e)
-    too_big = (e < 63) & (e > 0) & ((mag >> e.clamp(0, 62)) == 0)  # float rounding up past the leading one
+    # float rounding up past the leading one, also up to 2^63 (values >= 2^63 - 512): -2^63 (>> 63 = -1) is kept
+    too_big = (e > 0) & ((mag >> e.clamp(0, 63)) == 0)
     return e - too_big.to(torch.int64)
 
 
