@@ -45,70 +45,70 @@ PYTEST_FLAGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-W",
 # module -> source files and the test selection that exercises them ("new" is added in the after phase)
 MODULES: dict[str, dict] = {
     "rans": {
-        "files": ["kernels/ans.py", "kernels/ans_cpu.py"],
-        "tests": ["tests/test_ans.py", "-k", "not triton_interpreter"],
-        "new": ["tests/test_mutants_rans.py"],
+        "files": ["kernels/ans/__init__.py", "kernels/ans/native.py"],
+        "tests": ["tests/kernels/test_ans.py", "-k", "not triton_interpreter"],
+        "new": ["tests/kernels/test_mutants_rans.py"],
     },
     "fmdelta": {
-        "files": ["framework/compression/fmdelta_codec.py", "framework/compression/fmdelta_ref.py",
+        "files": ["kernels/fmdelta/__init__.py", "kernels/fmdelta/reference.py",
                   "framework/compression/container.py"],
-        "tests": ["tests/test_fmdelta_codec.py", "tests/test_fmdelta_container.py"],
-        "new": ["tests/test_mutants_fmdelta.py"],
+        "tests": ["tests/kernels/test_fmdelta_codec.py", "tests/compression/test_fmdelta_container.py"],
+        "new": ["tests/kernels/test_mutants_fmdelta.py"],
     },
     "neuzip": {
         "files": ["framework/quant/neuzip.py"],
-        "tests": ["tests/test_neuzip.py", "-k", "not run_neuzip"],
-        "new": ["tests/test_mutants_neuzip.py"],
+        "tests": ["tests/quant/test_neuzip.py", "-k", "not run_neuzip"],
+        "new": ["tests/quant/test_mutants_neuzip.py"],
     },
     "nf4": {
-        "files": ["kernels/nf4.py", "framework/quant/nf4.py"],
-        "tests": ["tests/test_nf4.py", "tests/test_nf4_linear.py", "-k",
+        "files": ["kernels/nf4/__init__.py", "framework/quant/nf4.py"],
+        "tests": ["tests/quant/test_nf4.py", "tests/quant/test_nf4_linear.py", "-k",
                   "not triton_interpreter and not storage_nf4_trains"],
-        "new": ["tests/test_mutants_nf4.py"],
+        "new": ["tests/quant/test_mutants_nf4.py"],
     },
     "cce": {
-        "files": ["kernels/cce.py", "kernels/cce_reference.py", "framework/loss.py"],
-        "tests": ["tests/test_cce_api.py", "tests/test_cce.py", "-k", "(torch or bad_input or autocast or loss_class) "
+        "files": ["kernels/cce/__init__.py", "kernels/cce/reference.py", "framework/loss.py"],
+        "tests": ["tests/kernels/test_cce_api.py", "tests/kernels/test_cce.py", "-k", "(torch or bad_input or autocast or loss_class) "
                   "and not compile and not opcheck and not triton"],
-        "new": ["tests/test_mutants_cce.py"],
+        "new": ["tests/kernels/test_mutants_cce.py"],
     },
     "adapter_inits": {
         "files": ["framework/adapters/inits.py", "framework/adapters/svd.py"],
-        "tests": ["tests/test_adapters.py", "tests/test_qpissa.py", "-k", "not train_run and not end_to_end"],
-        "new": ["tests/test_mutants_adapters.py"],
+        "tests": ["tests/adapters/test_adapters.py", "tests/adapters/test_qpissa.py", "-k", "not train_run and not end_to_end"],
+        "new": ["tests/adapters/test_mutants_adapters.py"],
     },
     "fmdelta_callback": {
         "files": ["framework/callbacks/fmdelta.py"],
-        "tests": ["tests/test_fmdelta_callback.py"],
-        "new": ["tests/test_mutants_fmdelta_callback.py"],
+        "tests": ["tests/callbacks/test_fmdelta_callback.py"],
+        "new": ["tests/callbacks/test_mutants_fmdelta_callback.py"],
     },
 }
 
 # survivors judged equivalent (file, line, mutation) -> why; filled in from the before-run's survivors
 EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a line has two alike])
-    ("kernels/ans.py", 110, "False -> True"):
+    ("kernels/ans/__init__.py", 110, "False -> True"):
         "`compare=` of the cached decode table: ANSEncoded is never compared with ==, and a dataclass == over "
         "tensor fields raises either way",
-    ("kernels/ans.py", 207, "True -> False"):
+    ("kernels/ans/__init__.py", 207, "True -> False"):
         "`copy=True` in an int32 -> int64 conversion: a dtype change always copies",
-    ("kernels/ans.py", 240, "// -> /"):
+    ("kernels/ans/__init__.py", 240, "// -> /"):
         "ceil(n / lanes) >= 2**32 as a float: differs from the integer test only for more than 2**32 symbols per lane",
-    ("kernels/ans.py", 240, "1 -> 2"):
+    ("kernels/ans/__init__.py", 240, "1 -> 2"):
         "not reachable in a test: moves a 2**32 limit (symbols per lane, lanes) to 2**33; reaching either needs over "
         "4e9 symbols or 4e9 lanes (32 GB of lane tables)",
-    ("kernels/ans.py", 316, "256 -> 257"):
+    ("kernels/ans/__init__.py", 316, "256 -> 257"):
         "torch.bincount fallback (no C++ compiler) with one extra zero bin: the table is cut after the last used "
         "symbol, so the result is the same",
-    ("kernels/ans_cpu.py", 108, "1 -> 2"):
+    ("kernels/ans/native.py", 108, "1 -> 2"):
         "one more zero word of padding after the stream: the decoder never reads past the first pad word",
-    ("framework/compression/fmdelta_codec.py", 68, "% -> //"):
+    ("kernels/fmdelta/__init__.py", 68, "% -> //"):
         "not reachable on CPU: `_use_gpu_kernels` returns False for CPU tensors before this line",
-    ("framework/compression/fmdelta_codec.py", 185, "64 -> 65"):
+    ("kernels/fmdelta/__init__.py", 185, "64 -> 65"):
         "a valid block needs at most ceil(block * (W - 1) / 64) words, below both bounds (W <= 64); a crafted table "
         "between the bounds is rejected either way (here, or by the decoder's consistency check)",
-    ("framework/compression/fmdelta_ref.py", 24, "< -> <="):
+    ("kernels/fmdelta/reference.py", 24, "< -> <="):
         "msb64 is only called on positive magnitudes (zeros are replaced by ones first): mag == 0 never occurs",
-    ("framework/compression/fmdelta_ref.py", 100, "2 -> 3"):
+    ("kernels/fmdelta/reference.py", 100, "2 -> 3"):
         "one more zero word of padding: an element spans at most two words, so the third is never read",
     ("framework/quant/neuzip.py", 287, "is not -> is"):
         "not reachable on CPU: the Triton decode branch (CUDA, or use_triton=True under the Triton interpreter), "
@@ -124,28 +124,28 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
         "not reachable on CPU: inside the fused-kernel branch of nf4_mm (CUDA only)",
     ("framework/quant/nf4.py", 179, "1 -> 2"):
         "not reachable on CPU: inside the fused-kernel branch of nf4_mm (CUDA only)",
-    ("kernels/nf4.py", 127, "is not -> is"):
+    ("kernels/nf4/__init__.py", 127, "is not -> is"):
         "not reachable on CPU: only defines the Triton kernel, which runs on CUDA or under the Triton interpreter",
-    ("kernels/cce_reference.py", 73, "0 -> 1", 32):  # e.shape[0] (the c.shape[0] one is killed)
+    ("kernels/cce/reference.py", 73, "0 -> 1", 32):  # e.shape[0] (the c.shape[0] one is killed)
         "in grad_torch `n` only sets the vocabulary chunk width (budget // n); every chunking gives the same exact "
         "gradients",
     ("framework/quant/nf4.py", 173, "0 -> 1"):
         "not reachable on CPU: `n` (and `width` for trans=True) only feed the fused CUDA kernel's selection and call: unused on CPU",
-    ("kernels/ans.py", 240, ">= -> >"):
+    ("kernels/ans/__init__.py", 240, ">= -> >"):
         "not reachable in a test: the per-lane limit at exactly 2**32 symbols (over 4e9 symbols)",
-    ("kernels/ans.py", 240, "-x -> x"):
+    ("kernels/ans/__init__.py", 240, "-x -> x"):
         "not reachable in a test: drops the per-lane limit, which only fires beyond 2**32 symbols per lane",
-    ("kernels/ans.py", 316, "is not -> is"):
+    ("kernels/ans/__init__.py", 316, "is not -> is"):
         "torch.bincount instead of the C++ histogram: the same counts (only slower)",
-    ("framework/compression/fmdelta_codec.py", 24, "<< -> >>"):
+    ("kernels/fmdelta/__init__.py", 24, "<< -> >>"):
         "not reachable on CPU: GPU_SEGMENT is only the default segment size for CUDA tensors",
-    ("framework/compression/fmdelta_codec.py", 24, "26 -> 27"):
+    ("kernels/fmdelta/__init__.py", 24, "26 -> 27"):
         "not reachable on CPU: GPU_SEGMENT is only the default segment size for CUDA tensors",
-    ("framework/compression/fmdelta_codec.py", 68, "0 -> 1"):
+    ("kernels/fmdelta/__init__.py", 68, "0 -> 1"):
         "not reachable on CPU: `_use_gpu_kernels` returns False for CPU tensors before this line",
-    ("framework/compression/fmdelta_codec.py", 118, "-x -> x"):
+    ("kernels/fmdelta/__init__.py", 118, "-x -> x"):
         "not reachable on CPU: the segment default for CUDA tensors (`if cuda`)",
-    ("framework/compression/fmdelta_codec.py", 185, "// -> /"):
+    ("kernels/fmdelta/__init__.py", 185, "// -> /"):
         "block_words are integers: bw > (b*W + 63) / 64 holds exactly when bw > (b*W + 63) // 64",
     ("framework/quant/neuzip.py", 50, "0 -> 1"):
         "`_Store.version` only feeds equality tests against a value read from the same store (prefetch "
@@ -180,7 +180,7 @@ EQUIVALENT: dict[tuple, str] = {  # (file, line, mutation[, site index where a l
 }
 # survivors of the holdout sample, with what is known about them
 HOLDOUT_NOTES: dict[tuple, str] = {
-    ("kernels/ans.py", 73, "* -> /"):
+    ("kernels/ans/__init__.py", 73, "* -> /"):
         "(ci / m) // total is 0, so every used symbol starts at 1 slot and the greedy adds all units: adding by "
         "largest gain is exact for this separable concave objective, so the same optimum comes out (tables could "
         "differ only where two tables cost the same; no test found one), at the price of up to 2**prob_bits steps",
@@ -478,7 +478,7 @@ def write_md(data: dict) -> None:
               "- One product fix came out of the new tests (before this module's runs): `fmdelta_ref.msb64` gave 63 "
               "instead of 62 for magnitudes in [2^63 - 512, 2^63) (float64 rounding), so the torch path disagreed "
               "with the native coder and did not decode its own output for such float64 deltas "
-              "(tests/test_mutants_fmdelta.py::test_msb64_known_answers, test_reference_extreme_deltas).", ""]
+              "(tests/kernels/test_mutants_fmdelta.py::test_msb64_known_answers, test_reference_extreme_deltas).", ""]
     before = data.get("before", {}).get("modules", {})
     after = data.get("after", {}).get("modules", {})
     lines += ["## Survivors of the before run", "",

@@ -13,9 +13,11 @@ import zlib
 import pytest
 import torch
 
-from memfit.compression import container, fmdelta_codec, fmdelta_ref
+from memfit.compression import container
+from memfit.kernels import fmdelta as fmdelta_codec
+from memfit.kernels.fmdelta import reference as fmdelta_ref
 from memfit.compression.container import ContainerError, DeltaReader, DeltaWriter
-from memfit.compression.fmdelta_codec import decode_delta, encode_delta, payload_stats
+from memfit.kernels.fmdelta import decode_delta, encode_delta, payload_stats
 from memfit.kernels.ans import ANSEncoded, ans_decode
 
 # dtype -> (struct float code, width, exponent shift, exponent mask): IEEE layouts, written out here
@@ -347,7 +349,7 @@ def test_container_reader_rejects(tmp_path):
 
 
 def test_cpu_dispatch_native_and_reference_fallback(monkeypatch):
-    from memfit.compression import fmdelta_native
+    from memfit.kernels.fmdelta import native as fmdelta_native
 
     base, ft = _pair(torch.float32, 5000, 8)
     payload = b"".join(bytes(p) for p in encode_delta(base, ft, block=2048, segment=4096)[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.kernels import cce_reference as ref
+from memfit.kernels.cce import reference as ref
 from memfit.kernels.cce import auto_filter_eps, linear_cross_entropy, shift_targets
 from memfit.loss import CutCrossEntropy, TorchCrossEntropy, shift_labels
 

@@ -1,4 +1,4 @@
-"""rANS coder against an independent scalar encoder and serialiser written from kernels/ans.py's docstring (Python
+"""rANS coder against an independent scalar encoder and serialiser written from kernels/ans/__init__.py's docstring (Python
 ints and `struct`, no code shared with the coder), plus the frequency quantiser's known answers and the header and
 table validation edges. Written to kill the mutants experiments/mutation.py found surviving."""
 
@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from memfit.kernels import ans_cpu
+from memfit.kernels.ans import native as ans_cpu
 from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode, quantize_frequencies
 
 L = 1 << 16
