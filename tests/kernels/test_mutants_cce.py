@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.kernels.cce import reference as ref
 from memfit.kernels.cce import auto_filter_eps, linear_cross_entropy, shift_targets
+from memfit.kernels.cce import reference as ref
 from memfit.loss import CutCrossEntropy, TorchCrossEntropy, shift_labels
 
 IGN = -100

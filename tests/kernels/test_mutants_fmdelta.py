@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from memfit.compression import container
-from memfit.kernels import fmdelta as fmdelta_codec
-from memfit.kernels.fmdelta import reference as fmdelta_ref
 from memfit.compression.container import ContainerError, DeltaReader, DeltaWriter
-from memfit.kernels.fmdelta import decode_delta, encode_delta, payload_stats
+from memfit.kernels import fmdelta as fmdelta_codec
 from memfit.kernels.ans import ANSEncoded, ans_decode
+from memfit.kernels.fmdelta import decode_delta, encode_delta, payload_stats
+from memfit.kernels.fmdelta import reference as fmdelta_ref
 
 # dtype -> (struct float code, width, exponent shift, exponent mask): IEEE layouts, written out here
 LAYOUT = {torch.float32: (32, 23, 0xFF), torch.float16: (16, 10, 0x1F), torch.bfloat16: (16, 7, 0xFF),

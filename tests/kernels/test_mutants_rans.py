@@ -12,8 +12,8 @@ import zlib
 import pytest
 import torch
 
-from memfit.kernels.ans import native as ans_cpu
 from memfit.kernels.ans import ANSEncoded, ans_decode, ans_encode, quantize_frequencies
+from memfit.kernels.ans import native as ans_cpu
 
 L = 1 << 16
 HEADER = "<4sBBHQIHHI"  # magic, version, prob_bits, flags, n, lanes, alphabet, reserved, crc32(body)
