@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 # (no torch, Lightning or Triton import until a name is asked for).
 _API = {
     # the app: compose a config, assemble the model it names, train
-    "compose": "memfit.config", "assemble": "memfit.assemble", "run": "memfit.train",
+    # (assemble itself: `from memfit.assemble import assemble`, as its module of the same name shadows a lazy name)
+    "compose": "memfit.config", "run": "memfit.train",
     # a finished run: its weights and config back; export as an HF directory
     "load_full_state": "memfit.runs", "run_model": "memfit.runs", "export_hf": "memfit.export",
     # the pieces, usable without the app

@@ -76,8 +76,10 @@ def _kernel_modules() -> dict[str, int]:
 
 
 # set by libraries on first use or on every run, by design: restored after each test like the rest, never a failure
-# (pytest's per-phase marker; inductor's cache folder, set once; Lightning's seed_everything, which every run calls)
-LIBRARY_ENV = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"}
+# (pytest's per-phase marker; inductor's cache folder and its tensor-pointer handshake, set on first compile (the
+# bitsandbytes peer compiles); Lightning's seed_everything, which every run calls)
+LIBRARY_ENV = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+               "PL_GLOBAL_SEED", "PL_SEED_WORKERS"}
 
 
 def _snapshot() -> dict:

@@ -115,12 +115,15 @@ def test_old_module_spelling_still_runs_from_the_root():
 def test_public_api_names_resolve_to_their_definitions():
     """Every name in memfit.__all__ is the object its defining module holds (a stale entry fails here)."""
     import importlib
+    import importlib.util
 
     import memfit
 
     for name in memfit.__all__:
         if name == "__version__":
             continue
+        # a submodule of the same name would replace the lazy name once imported
+        assert importlib.util.find_spec(f"memfit.{name}") is None, name
         obj = getattr(memfit, name)
         assert obj is getattr(importlib.import_module(memfit._API[name]), name), name
         assert callable(obj), name

@@ -305,9 +305,10 @@ def check_against_reference(cfg, got: dict) -> dict[str, float]:
 def run_case(tmp_path, overrides: list[str]) -> dict[str, float]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is required for the FSDP2 test")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     out = str(tmp_path)
-    spawn(worker, (str(tmp_path / "init"), overrides, out), WORLD)
+    with pytest.MonkeyPatch.context() as mp:  # the workers' rendezvous address, not left in the test process
+        mp.setenv("MASTER_ADDR", os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        spawn(worker, (str(tmp_path / "init"), overrides, out), WORLD)
     got = torch.load(f"{out}/sharded.pt", weights_only=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same CPU kernels, for the bit-equality checks

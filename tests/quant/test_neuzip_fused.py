@@ -24,7 +24,7 @@ from memfit.quant.neuzip import NeuZipTensor
 from memfit.kernels import ans
 from memfit.kernels.ans import gpu as ans_triton
 from memfit.kernels.settings import SETTINGS
-from tests.test_neuzip import _adversarial
+from tests.quant.test_neuzip import _adversarial
 
 def bits(t):
     return t.view(codec.FORMATS[t.dtype].int_dtype)
