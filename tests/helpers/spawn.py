@@ -26,3 +26,17 @@ def _child(rank: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
 def spawn(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> None:
     """mp.spawn(fn, args, nprocs) with the clean exit above; fn(rank, *args) must be a module-level function."""
     mp.spawn(_child, args=(fn, args), nprocs=nprocs, join=True)
+
+
+def shard_mlp_pair(build: Callable[..., Any], world: int, *args: Any) -> tuple[Any, Any]:
+    """(reference, sharded): two copies of `build(*args)` (an nn.Sequential whose layers 0, 2 and 4 are Linear), the
+    second under FSDP2 on a CPU mesh of `world` ranks, each Linear its own unit (call inside an initialised group)."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    ref, model = build(*args), build(*args)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    for lin in (model[0], model[2], model[4]):
+        fully_shard(lin, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return ref, model

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memfit.quant import NeuZipTensor
-from spawn import spawn
+from spawn import shard_mlp_pair, spawn
 
 
 def build(mantissa_bits: int | None) -> nn.Module:
@@ -27,16 +27,9 @@ def build(mantissa_bits: int | None) -> nn.Module:
 
 
 def worker(rank: int, world: int, init_file: str, mantissa_bits: int | None) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ref = build(mantissa_bits)
-        model = build(mantissa_bits)
-        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
-        for lin in (model[0], model[2], model[4]):
-            fully_shard(lin, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        ref, model = shard_mlp_pair(build, world, mantissa_bits)
         local = model[0].weight.to_local()
         full = ref[0].weight
         n = 256 // world

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memfit.quant import NF4Tensor
-from spawn import spawn
+from spawn import shard_mlp_pair, spawn
 
 WORLD = 2
 
@@ -25,16 +25,9 @@ def build(double_quant: bool) -> nn.Module:
 
 
 def worker(rank: int, init_file: str, double_quant: bool) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        ref = build(double_quant)
-        model = build(double_quant)
-        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (WORLD,))
-        for lin in (model[0], model[2], model[4]):
-            fully_shard(lin, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        ref, model = shard_mlp_pair(build, WORLD, double_quant)
         local = model[0].weight.to_local()
         full = ref[0].weight
         assert isinstance(local, NF4Tensor) and local.shape == (128, 128)
