@@ -159,7 +159,7 @@ def bench_size(mb: int, spl: int, shapes: list[tuple[int, int]], group_sizes: li
     base = torch.empty(n, dtype=torch.uint8, device=sym.device)
     t_lib = timed(lambda: launch_decode(enc.words, enc.lane_offsets, enc.final_states, tab, n, enc.lanes,
                                         enc.prob_bits, base))
-    rows = [(mb, prob_bits, bps, "library decoder (kernels/ans_triton)", "128x4", "-", 2 * n / t_lib / 1e6,
+    rows = [(mb, prob_bits, bps, "library decoder (kernels/ans/gpu.py)", "128x4", "-", 2 * n / t_lib / 1e6,
              torch.equal(base, sym))]
     for block, warps in shapes:
         groups = [g for g in group_sizes if block % g == 0]

@@ -4,7 +4,7 @@ The N x V logit matrix never reaches global memory: the forward keeps a per-row 
 `cce_fwd.py`), the backward recomputes logit tiles and skips those whose softmax gradient is negligible (gradient
 filtering with vocabulary sorting, `cce_bwd.py`). On CPU the same contract runs as a chunked pure-torch computation
 (`cce_reference.py`). Both sit behind opaque custom ops (`cce_ops.py`), so autocast and torch.compile work; FSDP2
-DTensor weights and vocabulary-parallel heads are handled in `cce_dist.py`.
+DTensor weights and vocabulary-parallel heads are handled in `dist.py`.
 """
 
 from __future__ import annotations

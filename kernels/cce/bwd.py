@@ -110,7 +110,7 @@ def grad_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt
                 filter_eps: float | None, sort_vocab: bool = True, accum_fp32: bool = False,
                 config: tuple[int, int, int, int, int] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Triton twin of `cce_reference.grad_torch` (plus filtering): (dE, dC, dbias) in the input dtypes."""
+    """Triton twin of `reference.grad_torch` (plus filtering): (dE, dC, dbias) in the input dtypes."""
     n, d = e.shape
     v = c.shape[0]
     bn, bv, bd, warps, stages = config or _config(e.dtype, e.device)

@@ -177,7 +177,7 @@ def split_tiles(row_blocks: int, v_tiles: int, slots: int) -> int:
 def stats_triton(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, tgt: torch.Tensor,
                  softcap: float | None, need_sumz: bool,
                  config: tuple[int, int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of `cce_reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
+    """Triton twin of `reference.stats_torch`: (lse, target logit, logit sum) per row, fp32."""
     n, d = e.shape
     v = c.shape[0]
     if config is None and e.is_cuda and e.dtype != torch.float32 and n * v * d >= AUTOTUNE_MIN_MACS and _autotune_on():

@@ -46,7 +46,7 @@ def _ptr(t: torch.Tensor | np.ndarray | None) -> int | None:
 
 
 def threads(n: int) -> int:
-    """Threads for n elements (kernels/ans_cpu.cpu_threads: no more than the idle cores and the work can use)."""
+    """Threads for n elements (memfit.kernels.ans.native.cpu_threads: no more than the idle cores and the work can use)."""
     from memfit.kernels.ans.native import cpu_threads
 
     return cpu_threads(n)

@@ -1,5 +1,5 @@
 """FM-Delta's Triton symbolise/pack and unpack kernels (kernels/fmdelta/gpu.py) under TRITON_INTERPRET=1: the same
-symbols, block table and raw-bit words as the torch reference (fmdelta_ref) on adversarial values of every dtype,
+symbols, block table and raw-bit words as the torch reference (kernels/fmdelta/reference.py) on adversarial values of every dtype,
 bit-exact decode, the symbol histogram, and corrupt payloads rejected; on CUDA (`-m gpu`) at a real size."""
 
 from __future__ import annotations
