@@ -1,7 +1,7 @@
 """FM-Delta tensor codec: a fine-tuned float tensor as (sign, msb) symbols + raw low bits against its base tensor.
 
 Symbols are rANS-coded (kernels/ans/__init__.py) per segment of `segment` elements with a quasi-static table of that segment,
-so decoding streams and parallelises; raw bits are packed per block (fmdelta_ref.py describes the bit layout).
+so decoding streams and parallelises; raw bits are packed per block (reference.py describes the bit layout).
 `context=True` shifts each symbol's msb by the base value's exponent field modulo W: Adam moves a weight by about lr
 whatever its size, so msb(|delta|) in integer space is ~ const - exponent(base), and the shift folds all exponents'
 distributions onto one peak (methods.md headroom) with the same alphabet and no extra tables.
